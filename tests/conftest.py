@@ -1,0 +1,38 @@
+"""Shared fixtures. Nothing here downloads: the tiny models are built from configs with random weights,
+and the end-to-end tests use the embedded smollm2-135m that installs with requirements.txt."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture
+def tiny_lm():
+    """A 2-layer Llama with a 300-token vocabulary and random weights, fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+class TinyTok:
+    """Just enough tokenizer for the sampler: ids pass through as space-separated integers."""
+    pad_token_id, eos_token_id, chat_template = 0, 1, None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(t) for t in text.split()]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i in (0, 1)))
+
+
+@pytest.fixture
+def tiny_tok():
+    return TinyTok()

@@ -1,0 +1,90 @@
+"""Problem loaders: the six shared/data/math schemas, malformed rows, and the arith generator."""
+import json
+
+import pytest
+
+import common as C
+from conftest import SHARED
+
+MATH = SHARED / "data" / "math"
+FILES = {  # file: (rows, first gold answer)
+    "math500.jsonl": (500, "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    "aime24.jsonl": (30, "204"),
+    "amc23.jsonl": (40, "27"),
+    "minerva_math.jsonl": (272, None),
+    "olympiadbench.jsonl": (675, "2"),
+    "gsm8k.jsonl": (1319, "18"),
+}
+
+
+@pytest.mark.skipif(not MATH.exists(), reason="needs ../shared/data/math")
+@pytest.mark.parametrize("name", list(FILES))
+def test_loader_on_shared_files(name):
+    probs = C.load_problems(str(MATH / name))
+    n, first = FILES[name]
+    assert len(probs) == n
+    assert all(p.question and p.answer for p in probs)
+    assert len({p.id for p in probs}) == n
+    if first is not None:
+        assert probs[0].answer == first
+    if name == "minerva_math.jsonl":  # gold = last \boxed{} of the solution, nested braces intact
+        assert probs[0].answer.count("{") == probs[0].answer.count("}")
+        assert "\\boxed" not in probs[0].answer
+    if name == "olympiadbench.jsonl":
+        assert not any(p.answer.startswith("$") for p in probs)
+
+
+@pytest.mark.skipif(not MATH.exists(), reason="needs ../shared/data/math")
+def test_shared_gold_answers_verify_against_themselves():
+    """Every gold answer must parse: a boxed copy of it has to score 1 (else the set is unusable)."""
+    probs = [p for f in FILES for p in C.load_problems(str(MATH / f), limit=20)]
+    rewards, _ = C.score([f"\\boxed{{{p.answer}}}" for p in probs], [p.answer for p in probs])
+    assert sum(rewards) / len(rewards) > 0.95
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n\n" + '{"question": "2+2?", "answer": \n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not valid JSON"):
+        C.load_problems(str(f))
+    f.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n" + json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: no gold answer"):
+        C.load_problems(str(f))
+    f.write_text(json.dumps({"answer": "2"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: no 'problem'"):
+        C.load_problems(str(f))
+    f.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: expected a JSON object"):
+        C.load_problems(str(f))
+    with pytest.raises(SystemExit, match="does not exist"):
+        C.load_problems(str(tmp_path / "missing.jsonl"))
+
+
+def test_arith_is_deterministic_and_spans_levels():
+    a, b = C.load_problems("arith"), C.load_problems("arith")
+    assert [(p.question, p.answer) for p in a] == [(p.question, p.answer) for p in b]
+    test = C.load_problems("arith:test")
+    assert [p.question for p in test[:50]] != [p.question for p in a[:50]]
+    assert {p.level for p in a} == set(range(1, 11))
+    for p in a[:200]:  # answers are right: evaluate the arithmetic the question states
+        assert int(p.answer) >= 0 or p.level == 10
+
+
+def test_problem_stream_resumes_exactly():
+    probs = C.load_problems("arith")[:10]
+    s1 = C.ProblemStream(probs, seed=3)
+    seq = [p.id for p in s1.take(25)]
+    s2 = C.ProblemStream(probs, seed=3)
+    s2.take(7)
+    s3 = C.ProblemStream(probs, seed=3)
+    s3.cursor = s2.cursor
+    assert [p.id for p in s3.take(18)] == seq[7:]
+    assert sorted(seq[:10]) == sorted(p.id for p in probs)  # each epoch is a permutation
+
+
+def test_build_prompt_uses_chat_template():
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(C.resolve_model("smollm2-135m"))
+    text = C.build_prompt(tok, C.Problem("x", "What is 2 + 3?", "5"))
+    assert text.endswith("<|im_start|>assistant\n")
+    assert "What is 2 + 3?" in text and "\\boxed{}" in text
