@@ -13,22 +13,22 @@ baseline / critic / advantage math in its own small functions. Sections, top to 
   losses ........... policy_loss (clip / clip-higher / dual-clip, 3 aggregation modes, KL k1/k2/k3)
   advantages ....... masked_mean, masked_whiten, gae
   critics .......... ValueModel (LM + zero-initialised scalar head)
-  update ........... policy_update (mini-batches, micro-batches, epochs, NaN-safe step)
+  updates .......... minibatch_update (epochs, mini/micro-batches, NaN-safe step), policy_update,
+                     value_loss / value_update, explained_variance
   run .............. RunLogger (metrics.jsonl + console), checkpoints (atomic, --resume), evaluate
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,13 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-# ================================================================================================
-# CLI
-# ================================================================================================
+# -------------------- CLI ------------------------------------------------------------------------
 
 
 def arg(default, help: str, **kw):
@@ -69,7 +66,7 @@ class TrainArgs:
     resume: bool = arg(False, "continue from the checkpoint in --out (weights, optimizer, step, RNG)")
     eval_every: int = arg(0, "evaluate every N steps (0: only before the first and after the last step)")
     eval_data: str = arg("arith:test", "evaluation problems (same forms as --data)")
-    eval_problems: int = arg(64, "how many evaluation problems (greedy, one sample each)")
+    eval_problems: int = arg(64, "how many evaluation problems (greedy, one sample each; 0: no evaluation)")
     oracle_k: int = arg(0, "extra rollouts per prompt, kept out of training, to estimate the true success "
                         "rate and log baseline_mse (0: off)")
     epochs: int = arg(1, "passes over each batch of rollouts (mu in the GRPO paper)")
@@ -120,9 +117,7 @@ def pick_device(device: str = "auto", dtype: str = "auto"):
     return dev, dt or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
 
-# ================================================================================================
-# Models
-# ================================================================================================
+# -------------------- Models ---------------------------------------------------------------------
 
 EMBEDDED = "smollm2-135m"
 MODEL_ALIASES = {  # short names -> hub ids (used only when online, or when already in the HF cache)
@@ -203,9 +198,7 @@ def eos_ids(model, tok) -> list[int]:
     return sorted(set(ids + [tok.eos_token_id]) - {None})
 
 
-# ================================================================================================
-# Problems
-# ================================================================================================
+# -------------------- Problems -------------------------------------------------------------------
 
 
 @dataclass
@@ -216,54 +209,37 @@ class Problem:
     level: int = 0  # arith difficulty (0 for files)
 
 
-# arith: word problems in ten levels. Measured on smollm2-135m (temperature 1, 48 tokens): level 1
-# succeeds about half the time, level 10 almost never, so a batch spans the whole range of p.
+# arith: word problems in ten levels, {level: (template, range of a, of b, of c, answer)}. On smollm2-135m
+# (temperature 0.7, 48 tokens) level 1 succeeds most of the time and levels 7-10 almost never, so a
+# batch spans the whole range of success rates p(x), which is what value models need.
+ARITH_LEVELS = {
+    1: ("What is {a} + {b}?", (1, 5), (1, 4), (0, 0), lambda a, b, c: a + b),
+    2: ("What is {a} + {b}?", (1, 9), (1, 9), (0, 0), lambda a, b, c: a + b),
+    3: ("{n} has {a} {t} and gets {b} more. How many {t} does {n} have now?", (2, 9), (1, 9), (0, 0),
+        lambda a, b, c: a + b),
+    4: ("{n} has {a} {t} and gives away {b}. How many {t} are left?", (5, 9), (1, 5), (0, 0), lambda a, b, c: a - b),
+    5: ("What is {a} times {b}?", (2, 9), (2, 9), (0, 0), lambda a, b, c: a * b),
+    6: ("What is {a} + {b}?", (10, 99), (1, 9), (0, 0), lambda a, b, c: a + b),
+    7: ("{n} has {a} {t}, finds {b} more and then buys {c} more. How many {t} does {n} have?", (2, 9), (1, 9),
+        (1, 9), lambda a, b, c: a + b + c),
+    8: ("What is {a} + {b}?", (10, 99), (10, 99), (0, 0), lambda a, b, c: a + b),
+    9: ("Each box holds {b} {t}. How many {t} are in {a} boxes?", (11, 30), (2, 9), (0, 0), lambda a, b, c: a * b),
+    10: ("What is {a} times {b} minus {c}?", (10, 50), (2, 9), (1, 9), lambda a, b, c: a * b - c),
+}
 _NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia"]
 _THINGS = ["apples", "books", "coins", "shells", "pencils", "stickers", "marbles", "cards"]
 
 
-def arith_problem(rng: random.Random, level: int) -> tuple[str, int]:
-    n, t = rng.choice(_NAMES), rng.choice(_THINGS)
-    d = lambda lo=1, hi=9: rng.randint(lo, hi)  # noqa: E731
-    if level == 1:
-        a, b = d(1, 5), d(1, 4)
-        return f"What is {a} + {b}?", a + b
-    if level == 2:
-        a, b = d(), d()
-        return f"What is {a} + {b}?", a + b
-    if level == 3:
-        a, b = d(), d()
-        return f"{n} has {a} {t} and gets {b} more. How many {t} does {n} have now?", a + b
-    if level == 4:
-        a = d(5, 9); b = d(1, a)
-        return f"{n} has {a} {t} and gives away {b}. How many {t} are left?", a - b
-    if level == 5:
-        a, b = d(2, 9), d(2, 9)
-        return f"What is {a} times {b}?", a * b
-    if level == 6:
-        a, b = d(10, 99), d()
-        return f"What is {a} + {b}?", a + b
-    if level == 7:
-        a, b, c = d(), d(), d()
-        return f"{n} has {a} {t}, finds {b} more and then buys {c} more. How many {t} does {n} have?", a + b + c
-    if level == 8:
-        a, b = d(10, 99), d(10, 99)
-        return f"What is {a} + {b}?", a + b
-    if level == 9:
-        a, b = d(11, 30), d(2, 9)
-        return f"Each box holds {b} {t}. How many {t} are in {a} boxes?", a * b
-    a, b, c = d(10, 50), d(2, 9), d(1, 9)
-    return f"What is {a} times {b} minus {c}?", a * b - c
-
-
-def arith_problems(split: str = "train", n: int = 2000, levels=range(1, 11)) -> list[Problem]:
+def arith_problems(split: str = "train", n: int = 2000) -> list[Problem]:
     """A seeded, deterministic list of arithmetic word problems, levels drawn uniformly."""
-    rng = random.Random({"train": 1, "test": 2}.get(split, hash(split) % 10**6))
+    rng = random.Random({"train": 1, "test": 2}.get(split, sum(map(ord, split))))
     out = []
     for i in range(n):
-        level = rng.choice(list(levels))
-        q, a = arith_problem(rng, level)
-        out.append(Problem(f"arith-{split}-{i}", q, str(a), level))
+        level = rng.randint(1, len(ARITH_LEVELS))
+        template, *ranges, answer = ARITH_LEVELS[level]
+        a, b, c = (rng.randint(*r) for r in ranges)
+        q = template.format(a=a, b=b, c=c, n=rng.choice(_NAMES), t=rng.choice(_THINGS))
+        out.append(Problem(f"arith-{split}-{i}", q, str(answer(a, b, c)), level))
     return out
 
 
@@ -335,7 +311,7 @@ def load_problems(spec: str, limit: int | None = None) -> list[Problem]:
         name, _, split = spec.partition(":")
         ds = datasets.load_dataset(name, split=split or "train")
         probs = [normalize_row(dict(r), f"{spec}[{i}]") for i, r in enumerate(ds)]
-    return probs[:limit] if limit else probs
+    return probs if limit is None else probs[:limit]
 
 
 class ProblemStream:
@@ -365,9 +341,7 @@ def build_prompt(tok, problem: Problem) -> str:
     return f"Question: {content}\nAnswer:"
 
 
-# ================================================================================================
-# Sampling: one interface, two backends
-# ================================================================================================
+# -------------------- Sampling: one interface, two backends --------------------------------------
 
 
 @dataclass
@@ -498,9 +472,7 @@ def make_sampler(kind: str, model, tok, path: str, dtype, seed: int = 0):
     return HFSampler(model, tok)
 
 
-# ================================================================================================
-# Rewards
-# ================================================================================================
+# -------------------- Rewards --------------------------------------------------------------------
 
 MAX_SCORED_CHARS = 4000  # off the main thread there is no alarm-based timeout: bound the work instead
 
@@ -545,9 +517,7 @@ def score(texts: list[str], answers: list[str]) -> tuple[list[float], int]:
     return rewards, no_answer
 
 
-# ================================================================================================
-# Batches and log-probs
-# ================================================================================================
+# -------------------- Batches and log-probs ------------------------------------------------------
 
 
 def collate(rollouts: list[Rollout], pad_id: int, device="cpu") -> dict:
@@ -618,9 +588,15 @@ def forward_logprobs(model, batch: dict, temperature: float = 1.0, chunk: int = 
     return res
 
 
-# ================================================================================================
-# Losses
-# ================================================================================================
+@torch.no_grad()
+def logprobs_no_grad(model, batch: dict, temperature: float, chunk: int, micro: int):
+    """forward_logprobs in micro-batches of rows, without autograd (old / reference log-probs): [B, L]."""
+    B = batch["response_ids"].shape[0]
+    return torch.cat([forward_logprobs(model, slice_batch(batch, slice(s, s + micro)), temperature, chunk)["logp"]
+                      for s in range(0, B, micro)])
+
+
+# -------------------- Losses ---------------------------------------------------------------------
 
 
 def masked_mean(x, mask, dim=None):
@@ -707,9 +683,7 @@ def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
     return adv, (adv + values) * mask
 
 
-# ================================================================================================
-# Critics
-# ================================================================================================
+# -------------------- Critics --------------------------------------------------------------------
 
 
 class ValueModel(torch.nn.Module):
@@ -732,69 +706,99 @@ class ValueModel(torch.nn.Module):
         return self.head(h[:, P - 1:P + L - 1]).squeeze(-1).float()
 
 
-# ================================================================================================
-# The policy update (shared by every method; the method supplies the advantages)
-# ================================================================================================
+# -------------------- The policy update (shared by every method; the method supplies the advantages) 
 
 
-def policy_update(policy, optimizer, batch: dict, adv, args, old_logp=None, ref_logp=None) -> dict:
-    """`args.epochs` passes over mini-batches of the rollouts, each mini-batch one optimizer step,
-    accumulated over micro-batches so memory stays flat. adv: [B, L] per-token advantages.
-    A non-finite loss or gradient skips that optimizer step and leaves the weights untouched."""
-    B, L = adv.shape
-    mb = args.minibatch_size or B
-    mask = batch["response_mask"]
-    if old_logp is None and (args.epochs > 1 or mb < B):  # off-policy after the first step: freeze logp_old
-        with torch.no_grad():
-            old_logp = torch.cat([forward_logprobs(policy, slice_batch(batch, slice(s, s + args.micro_batch_size)),
-                                                   args.temperature, args.logp_chunk)["logp"]
-                                  for s in range(0, B, args.micro_batch_size)])
-    stats = {"grad_norm": [], "clip_frac": [], "kl": [], "entropy": [], "logp_diff": [], "nan_skips": 0}
-    gen = torch.Generator().manual_seed(args.seed)
+def minibatch_update(optimizer, mask, args, loss_fn, agg: str = "token-mean", skip=None) -> dict:
+    """`args.epochs` passes over the B rows of a batch; each mini-batch of `args.minibatch_size` rows is one
+    optimizer step, accumulated over micro-batches of `args.micro_batch_size` rows so memory stays flat.
+    loss_fn(rows) -> (loss aggregated over those rows, {stat: float}). Each micro-batch loss is scaled by
+    its share of the mini-batch (tokens for token-mean, rows otherwise), so the accumulated gradient is
+    exactly the mini-batch's. skip: [B] bool, rows known to add exactly 0 (they still count in the share).
+    A non-finite loss or gradient skips that optimizer step: weights and optimizer moments are untouched."""
+    B = mask.shape[0]
+    mb, params = args.minibatch_size or B, [p for g in optimizer.param_groups for p in g["params"]]
+    stats, skips, gen = {}, 0, torch.Generator().manual_seed(args.seed)
     for _ in range(args.epochs):
         order = torch.randperm(B, generator=gen) if mb < B else torch.arange(B)
         for s in range(0, B, mb):
             rows = order[s:s + mb]
+            active = rows if skip is None else rows[~skip[rows]]
+            if len(active) == 0:
+                continue  # nothing to learn from this mini-batch
             n_tok, ok = mask[rows].sum().clamp(min=1), True
-            # A row whose advantages are all 0 adds exactly 0 to the loss and gradient (without KL):
-            # it still counts in the normaliser n_tok / len(rows), but it needs no forward/backward.
-            active = rows if ref_logp is not None else rows[(adv[rows] != 0).any(-1)]
             optimizer.zero_grad(set_to_none=True)
             for m in range(0, len(active), args.micro_batch_size):
                 r = active[m:m + args.micro_batch_size]
-                mbatch = slice_batch(batch, r)
-                fw = forward_logprobs(policy, mbatch, args.temperature, args.logp_chunk, entropy=True)
-                logp = fw["logp"]
-                o = old_logp[r] if old_logp is not None else logp.detach()  # mu=1: pi_old == pi, no 2nd pass
-                loss, st = policy_loss(logp, o, adv[r], mbatch["response_mask"], args.eps_low, args.eps_high,
-                                       args.dual_clip, args.loss_agg, args.max_new_tokens,
-                                       None if ref_logp is None else ref_logp[r], args.kl_coef, args.kl_type)
-                # scale so the accumulated gradient equals that of the whole mini-batch
-                share = (mbatch["response_mask"].sum() / n_tok) if args.loss_agg == "token-mean" else len(r) / len(rows)
+                loss, st = loss_fn(r)
                 if not torch.isfinite(loss):
                     ok = False
                     break
-                (loss * share).backward()
-                m_ = mbatch["response_mask"]
-                stats["clip_frac"].append(st["clip_frac"]), stats["kl"].append(st["kl"])
-                stats["entropy"].append(masked_mean(fw["entropy"].detach(), m_).item())
-                stats["logp_diff"].append(masked_mean((logp.detach() - mbatch["sampler_logp"]).abs(), m_).item())
-            if ok and len(active) == 0:
-                continue  # nothing to learn from this mini-batch
-            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm) if ok else torch.tensor(float("nan"))
-            if not ok or not torch.isfinite(gn):
-                optimizer.zero_grad(set_to_none=True)  # skip: keep the weights, count it
-                stats["nan_skips"] += 1
+                (loss * (mask[r].sum() / n_tok if agg == "token-mean" else len(r) / len(rows))).backward()
+                for k, v in st.items():
+                    stats.setdefault(k, []).append(v)
+            gn = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if ok else None
+            if gn is None or not torch.isfinite(gn):
+                optimizer.zero_grad(set_to_none=True)
+                skips += 1
                 continue
             optimizer.step()
-            stats["grad_norm"].append(gn.item())
-    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
-    return {k: (v if k == "nan_skips" else mean(v)) for k, v in stats.items()}
+            stats.setdefault("grad_norm", []).append(gn.item())
+    return {**{k: float(np.mean(v)) for k, v in stats.items()}, "nan_skips": skips}
 
 
-# ================================================================================================
-# Evaluation, logging, checkpoints
-# ================================================================================================
+def policy_update(policy, optimizer, batch: dict, adv, args, old_logp=None, ref_logp=None) -> dict:
+    """Clipped-surrogate update of the policy on per-token advantages adv [B, L] (see minibatch_update).
+    logp_old: given, or computed once up front when there is more than one optimizer step per batch."""
+    B, mask = adv.shape[0], batch["response_mask"]
+    if old_logp is None and (args.epochs > 1 or 0 < args.minibatch_size < B):  # off-policy after the 1st step
+        old_logp = logprobs_no_grad(policy, batch, args.temperature, args.logp_chunk, args.micro_batch_size)
+
+    def loss_fn(r):
+        mbatch = slice_batch(batch, r)
+        fw = forward_logprobs(policy, mbatch, args.temperature, args.logp_chunk, entropy=True)
+        o = old_logp[r] if old_logp is not None else fw["logp"].detach()  # mu=1: pi_old == pi, no 2nd pass
+        loss, st = policy_loss(fw["logp"], o, adv[r], mbatch["response_mask"], args.eps_low, args.eps_high,
+                               args.dual_clip, args.loss_agg, args.max_new_tokens,
+                               None if ref_logp is None else ref_logp[r], args.kl_coef, args.kl_type)
+        m = mbatch["response_mask"]
+        return loss, {**st, "entropy": masked_mean(fw["entropy"].detach(), m).item(),
+                      "logp_diff": masked_mean((fw["logp"].detach() - mbatch["sampler_logp"]).abs(), m).item()}
+    # without KL, a row whose advantages are all 0 adds exactly 0: no forward/backward needed
+    skip = None if ref_logp is not None else ~(adv != 0).any(-1)
+    return minibatch_update(optimizer, mask, args, loss_fn, args.loss_agg, skip)
+
+
+def value_loss(v, v_old, returns, mask, clip: float = 0.2):
+    """Clipped value loss (PPO, as in verl / OpenAI's RLHF code), masked token mean:
+        0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2);   c <= 0: 0.5 * (V - R)^2"""
+    loss = (v - returns) ** 2
+    if clip > 0:
+        loss = torch.maximum(loss, (v_old + (v - v_old).clamp(-clip, clip) - returns) ** 2)
+    return 0.5 * masked_mean(loss, mask)
+
+
+def value_update(critic, optimizer, batch: dict, returns, old_values, args, clip: float = 0.2) -> dict:
+    """Regress the critic's V(s_t) [B, L] onto `returns` (see minibatch_update, value_loss)."""
+    mask = batch["response_mask"]
+
+    def loss_fn(r):
+        loss = value_loss(critic(slice_batch(batch, r)), old_values[r], returns[r], mask[r], clip)
+        return loss, {"value_loss": loss.item()}
+    st = minibatch_update(optimizer, mask, args, loss_fn, "token-mean")
+    return {"value_loss": st.get("value_loss", float("nan")), "critic_grad_norm": st.get("grad_norm", float("nan")),
+            "critic_nan_skips": st["nan_skips"]}
+
+
+def explained_variance(values, returns, mask) -> float:
+    """1 - Var(R - V) / Var(R) over real tokens: 1 is a perfect critic, 0 no better than a constant."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    err = returns - values
+    var_e = masked_mean((err - masked_mean(err, mask)) ** 2, mask)
+    return float(1 - var_e / var_r) if var_r > 0 else float("nan")
+
+
+# -------------------- Evaluation, logging, checkpoints -------------------------------------------
 
 
 def success_rates(sampler, tok, problems: list[Problem], k: int, max_new_tokens: int, temperature: float,
@@ -809,7 +813,9 @@ def success_rates(sampler, tok, problems: list[Problem], k: int, max_new_tokens:
 
 def evaluate(sampler, tok, problems: list[Problem], max_new_tokens: int, n: int = 1, temperature: float = 0.0,
              seed: int = 0) -> float:
-    """Accuracy (greedy, n=1) or mean@n (temperature > 0) on a problem set."""
+    """Accuracy (greedy, n=1) or mean@n (temperature > 0) on a problem set (NaN for an empty set)."""
+    if not problems:
+        return float("nan")
     return float(success_rates(sampler, tok, problems, n, max_new_tokens, temperature, seed).mean())
 
 
@@ -819,8 +825,13 @@ def peak_mem_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB; process peak RSS
 
 
+METRICS = ["reward", "acc", "adv_std", "frac_reward_zero_std", "rollouts", "tokens", "grad_norm", "entropy", "clip_frac",
+           "kl", "baseline_mse", "time_gen", "time_train", "time_step", "peak_mem_gb", "eval_acc"]
+
+
 class RunLogger:
-    """One JSON line per step in OUT/metrics.jsonl, and a compact console line."""
+    """One JSON line per training step in OUT/metrics.jsonl (every name in METRICS present, null when not
+    measured that step, so notebooks can compare methods), and a compact console line."""
     CONSOLE = ["reward", "acc", "eval_acc", "rollouts", "frac_reward_zero_std", "entropy", "grad_norm", "time_step"]
 
     def __init__(self, out: str, resume_step: int = 0):
@@ -832,6 +843,8 @@ class RunLogger:
 
     def log(self, step: int, metrics: dict):
         clean = lambda v: (None if math.isnan(v) else round(v, 6)) if isinstance(v, float) else v  # noqa: E731
+        if step > 0:
+            metrics = {**dict.fromkeys(METRICS, None), **metrics}
         row = {"step": step, **{k: clean(v) for k, v in metrics.items()}}  # NaN -> null: strict JSON
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -840,13 +853,21 @@ class RunLogger:
         tqdm.write(f"step {step:4d} {shown}")
 
 
-def save_checkpoint(out: str, step: int, model, optimizer, extra: dict | None = None, name: str = "ckpt"):
-    """OUT/ckpt/{model/, state.pt}. Written to a temporary folder, then swapped in with renames, so a
-    crash at any moment leaves either the previous checkpoint or the new one, never half of one."""
-    final, tmp, old = Path(out) / name, Path(out) / f"{name}.tmp", Path(out) / f"{name}.old"
+def save_checkpoint(out: str, step: int, parts: dict, extra: dict | None = None):
+    """OUT/ckpt/{<part>/model.safetensors..., state.pt}; parts = {"policy": (model, optimizer), ...}.
+    Written to a temporary folder, then swapped in with renames, so a crash at any moment leaves either
+    the previous checkpoint or the new one, whole, never half of one (nor a policy and critic of two steps)."""
+    final, tmp, old = Path(out) / "ckpt", Path(out) / "ckpt.tmp", Path(out) / "ckpt.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "extra": extra or {},
+    for name, (model, _) in parts.items():
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp / name)  # loadable by transformers / vLLM as it is
+        else:
+            from safetensors.torch import save_file
+            (tmp / name).mkdir(parents=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / name / "model.safetensors")
+    torch.save({"step": step, "optimizers": {n: o.state_dict() for n, (_, o) in parts.items() if o is not None},
+                "extra": extra or {},
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
                tmp / "state.pt")
     if final.exists():
@@ -855,38 +876,35 @@ def save_checkpoint(out: str, step: int, model, optimizer, extra: dict | None = 
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(out: str, model, optimizer, name: str = "ckpt") -> dict:
-    """Restore weights, optimizer and RNG in place from OUT/ckpt; return the state (step, extra)."""
-    folder = Path(out) / name
-    if not (folder / "state.pt").exists() and (Path(out) / f"{name}.old" / "state.pt").exists():
-        folder = Path(out) / f"{name}.old"  # crashed between the two renames: the old one is whole
-    if not (folder / "state.pt").exists():
-        raise SystemExit(f"--resume: no checkpoint in {Path(out) / name} (run with --save-every first)")
+def load_checkpoint(out: str, parts: dict) -> dict:
+    """Restore weights, optimizers and RNG in place from OUT/ckpt; return the state (step, extra)."""
     from safetensors.torch import load_file
-    sd = {}
-    for f in sorted((folder / "model").glob("*.safetensors")):
-        sd.update(load_file(f))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):  # tied head is not saved
-        raise SystemExit(f"--resume: checkpoint in {folder} does not match the model ({missing[:3]} {unexpected[:3]})")
+    folder = Path(out) / "ckpt"
+    if not (folder / "state.pt").exists() and (Path(out) / "ckpt.old" / "state.pt").exists():
+        folder = Path(out) / "ckpt.old"  # crashed between the two renames: the old one is whole
+    if not (folder / "state.pt").exists():
+        raise SystemExit(f"--resume: no checkpoint in {Path(out) / 'ckpt'} (run with --save-every first)")
     state = torch.load(folder / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    for name, (model, opt) in parts.items():
+        sd = {k: v for f in sorted((folder / name).glob("*.safetensors")) for k, v in load_file(f).items()}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if unexpected or any(not k.endswith("lm_head.weight") for k in missing):  # a tied head is not saved
+            raise SystemExit(f"--resume: {folder / name} does not match the model ({missing[:3]} {unexpected[:3]})")
+        if opt is not None:
+            opt.load_state_dict(state["optimizers"][name])
     random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     return state
 
 
 class Timer:
+    """Accumulates seconds per name: `with timer("time_gen"): ...`; the totals are in timer.t."""
+
     def __init__(self):
         self.t = {}
 
+    @contextlib.contextmanager
     def __call__(self, name):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                self.s = time.perf_counter()
-
-            def __exit__(self, *a):
-                timer.t[name] = timer.t.get(name, 0.0) + time.perf_counter() - self.s
-        return _Ctx()
+        start = time.perf_counter()
+        yield
+        self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - start

@@ -120,7 +120,7 @@ def main(args: Args):
     stream = C.ProblemStream(train_set, args.seed)
     start = 0
     if args.resume:
-        state = C.load_checkpoint(args.out, policy, optimizer)
+        state = C.load_checkpoint(args.out, {"policy": (policy, optimizer)})
         start, stream.cursor = state["step"], state["extra"]["cursor"]
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_coef > 0 else None
     sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
@@ -130,7 +130,7 @@ def main(args: Args):
 
     if start == 0:
         logger.log(0, {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)})
-    for step in range(start + 1, args.steps + 1):
+    for step in C.tqdm(range(start + 1, args.steps + 1), desc="grpo", initial=start, total=args.steps):
         timer, t0 = C.Timer(), time.perf_counter()
         # 1. problems -> G rollouts each -> verifiable rewards (DAPO: keep resampling until the batch is full)
         kept, rollouts_spent, tokens, n_groups, n_flat, no_answer = [], 0, 0, 0, 0, 0
@@ -172,10 +172,8 @@ def main(args: Args):
             if len(probs):
                 batch = C.collate(roll, tok.pad_token_id, dev)
                 adv_tok = adv.flatten()[:, None].to(dev) * batch["response_mask"]  # [B, L]
-                ref_logp = None
-                if ref is not None:
-                    with torch.no_grad():
-                        ref_logp = C.forward_logprobs(ref, batch, args.temperature, args.logp_chunk)["logp"]
+                ref_logp = None if ref is None else C.logprobs_no_grad(ref, batch, args.temperature, args.logp_chunk,
+                                                                         args.micro_batch_size)
                 metrics.update(C.policy_update(policy, optimizer, batch, adv_tok, args, ref_logp=ref_logp))
                 sampler.sync_weights(policy)
 
@@ -185,7 +183,7 @@ def main(args: Args):
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):
-            C.save_checkpoint(args.out, step, policy, optimizer, {"cursor": stream.cursor})
+            C.save_checkpoint(args.out, step, {"policy": (policy, optimizer)}, {"cursor": stream.cursor})
     return logger.path
 
 

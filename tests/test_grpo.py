@@ -12,8 +12,9 @@ import common as C
 import grpo
 from conftest import ROOT
 
+EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")  # "What is 3 + 1?": every group has reward spread
 TINY = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "16",
-        "--temperature", "1.0", "--eval-problems", "4", "--seed", "1"]
+        "--data", EASY, "--eval-problems", "4", "--seed", "1"]
 DESIGN_METRICS = {"reward", "acc", "adv_std", "frac_reward_zero_std", "rollouts", "tokens", "grad_norm", "entropy",
                   "clip_frac", "kl", "baseline_mse", "time_gen", "time_train", "time_step", "peak_mem_gb"}
 VOLATILE = {"time_gen", "time_train", "time_step", "peak_mem_gb"}
@@ -31,7 +32,7 @@ def rows(out):
 
 
 def weights(out):
-    return load_file(out / "ckpt" / "model" / "model.safetensors")
+    return load_file(out / "ckpt" / "policy" / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_two_steps_write_every_metric(two_step_run):
         assert DESIGN_METRICS <= set(x), DESIGN_METRICS - set(x)
         assert x["rollouts"] == 8 and 0 <= x["acc"] <= 1
     assert "eval_acc" in r[0] and "eval_acc" in r[-1]
-    assert any(x["grad_norm"] is not None and x["grad_norm"] > 0 for x in r[1:]), "no step trained: pick another seed"
+    assert all(x["grad_norm"] is not None and x["grad_norm"] > 0 for x in r[1:]), "every step must train"
     assert all(x["baseline_mse"] is not None for x in r[1:])
 
 
@@ -73,7 +74,7 @@ def test_resume_continues_exactly(tmp_path):
     run(*TINY[2:], "--steps", "4", "--out", str(full))
     run(*TINY[2:], "--steps", "2", "--save-every", "1", "--out", str(split))
     state = torch.load(split / "ckpt" / "state.pt", weights_only=False)
-    assert state["step"] == 2 and state["optimizer"]["state"], "optimizer moments must be saved"
+    assert state["step"] == 2 and state["optimizers"]["policy"]["state"], "optimizer moments must be saved"
     run(*TINY[2:], "--steps", "4", "--resume", "--out", str(split))
     a, b = rows(full), rows(split)
     assert [x["step"] for x in b] == [0, 1, 2, 3, 4]

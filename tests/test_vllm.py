@@ -64,10 +64,11 @@ def test_vllm_follows_weights_after_sync(engine):
 
 def test_grpo_runs_on_vllm(tmp_path):
     cmd = [sys.executable, str(ROOT / "grpo.py"), "--sampler", "vllm", "--steps", "1", "--prompts-per-step", "2",
-           "--group-size", "2", "--max-new-tokens", "12", "--eval-problems", "2", "--out", str(tmp_path)]
+           "--group-size", "4", "--max-new-tokens", "16", "--eval-problems", "2", "--out", str(tmp_path),
+           "--data", str(ROOT / "tests" / "data" / "easy_add.jsonl"), "--seed", "1"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 1 and rows[-1]["rollouts"] == 4
-    if rows[-1]["logp_diff"] is not None:  # trained: the trainer re-scored vLLM's tokens
+    assert rows[-1]["step"] == 1 and rows[-1]["rollouts"] == 8
+    if rows[-1].get("logp_diff") is not None:  # trained: the trainer re-scored vLLM's tokens
         assert rows[-1]["logp_diff"] < TOL

@@ -1,0 +1,110 @@
+"""ppo.py: per-token rewards, the clipped value loss, the critic, and the script end to end."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common as C
+import ppo
+from conftest import ROOT
+
+
+def test_token_rewards_put_the_score_on_the_last_real_token():
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    r = ppo.token_rewards(torch.tensor([1.0, 0.0]), mask)
+    assert r.tolist() == [[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+    r = ppo.token_rewards(torch.tensor([0.0, 1.0]), mask)
+    assert r.tolist() == [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+
+
+def test_token_rewards_kl_penalty_per_token():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    logp, ref = torch.tensor([[-1.0, -2.0, -9.0]]), torch.tensor([[-1.5, -1.0, -9.0]])
+    r = ppo.token_rewards(torch.tensor([1.0]), mask, logp, ref, beta=0.1)
+    # -beta * (logp - ref) = [-0.05, +0.1], + score 1 on the last real token, padding stays 0
+    assert torch.allclose(r, torch.tensor([[-0.05, 1.1, 0.0]]))
+
+
+def test_clipped_value_loss_hand_computed():
+    m = torch.ones(1, 1)
+    t = lambda x: torch.tensor([[x]])  # noqa: E731
+    # V moved 0.2 -> 0.5 towards R = 1; the clipped V is 0.4: max(0.25, 0.36) / 2
+    assert C.value_loss(t(0.5), t(0.2), t(1.0), m, clip=0.2).item() == pytest.approx(0.18)
+    # inside the clip range both terms agree
+    assert C.value_loss(t(0.3), t(0.2), t(0.0), m, clip=0.2).item() == pytest.approx(0.045)
+    # moved away from R: the unclipped term is the larger one
+    assert C.value_loss(t(0.9), t(0.5), t(0.0), m, clip=0.2).item() == pytest.approx(0.405)
+    assert C.value_loss(t(0.5), t(0.2), t(1.0), m, clip=0.0).item() == pytest.approx(0.125)
+    v, mask = torch.tensor([[0.0, 5.0]]), torch.tensor([[1.0, 0.0]])  # padding does not count
+    assert C.value_loss(v, v, torch.tensor([[1.0, 0.0]]), mask).item() == pytest.approx(0.5)
+
+
+def test_explained_variance():
+    R = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 7.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    assert C.explained_variance(R, R, m) == pytest.approx(1.0)
+    assert C.explained_variance(torch.full_like(R, 0.3), R, m) == pytest.approx(0.0, abs=1e-6)
+    assert C.explained_variance(1 - R, R, m) < 0  # anti-correlated critic: worse than a constant
+
+
+def test_value_model_starts_at_zero_and_learns(tiny_lm):
+    critic = C.ValueModel(tiny_lm)
+    rolls = [C.Rollout(i, [5, 6, 7 + i], [10, 11, 12][: 1 + i], "", [0.0] * (1 + i), "stop") for i in range(3)]
+    batch = C.collate(rolls, pad_id=0)
+    v = critic(batch)
+    assert v.shape == (3, 3) and torch.equal(v, torch.zeros(3, 3))
+    returns = torch.tensor([[1.0, 0, 0], [0.0, 0.0, 0], [1.0, 1.0, 1.0]]) * batch["response_mask"]
+    opt = torch.optim.AdamW(critic.parameters(), lr=1e-2)
+    args = ppo.Args(epochs=20, micro_batch_size=2)
+    first = C.value_loss(v.detach(), v.detach(), returns, batch["response_mask"], 0.0).item()
+    C.value_update(critic, opt, batch, returns, v.detach(), args, clip=0.0)
+    with torch.no_grad():
+        after = C.value_loss(critic(batch), v, returns, batch["response_mask"], 0.0).item()
+    assert after < 0.5 * first
+
+
+def test_ppo_end_to_end(tmp_path):
+    out = tmp_path / "ppo"
+    cmd = [sys.executable, str(ROOT / "ppo.py"), "--steps", "2", "--prompts-per-step", "4", "--max-new-tokens", "16",
+           "--data", str(ROOT / "tests" / "data" / "easy_add.jsonl"), "--eval-problems", "2", "--oracle-k", "2",
+           "--seed", "1", "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert set(C.METRICS) | {"value_loss", "explained_variance", "baseline_mse"} <= set(r)
+        assert r["rollouts"] == 4 and r["value_loss"] is not None
+    assert rows[1]["grad_norm"] is None, "step 1 is critic warm-up: the policy must not move"
+    assert rows[2]["grad_norm"] is not None
+    crit = load_file(out / "ckpt" / "critic" / "model.safetensors")
+    assert "head.weight" in crit and len(crit) > 100  # the whole critic LM is saved, not just the head
+
+
+def test_checkpoint_roundtrip_with_a_critic(tiny_lm, tmp_path):
+    """Policy (HF folder) and critic (plain module) go into one atomic checkpoint and come back whole."""
+    import copy
+    policy, critic = tiny_lm, C.ValueModel(copy.deepcopy(tiny_lm))
+    with torch.no_grad():
+        critic.head.weight.fill_(0.5)
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in [("policy", policy), ("critic", critic)]}
+    for m, o in [(policy, opts["policy"]), (critic, opts["critic"])]:  # one step so the moments exist
+        sum(p.sum() for p in m.parameters()).backward()
+        o.step()
+    C.save_checkpoint(str(tmp_path), 7, {"policy": (policy, opts["policy"]), "critic": (critic, opts["critic"])},
+                      {"cursor": 3})
+    p2, c2 = copy.deepcopy(policy), C.ValueModel(copy.deepcopy(tiny_lm))
+    for m in (p2, c2):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.zero_()
+    o2 = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in [("policy", p2), ("critic", c2)]}
+    state = C.load_checkpoint(str(tmp_path), {"policy": (p2, o2["policy"]), "critic": (c2, o2["critic"])})
+    assert state["step"] == 7 and state["extra"] == {"cursor": 3}
+    for a, b in [(policy, p2), (critic, c2)]:
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert o2["critic"].state_dict()["state"][0]["step"] == 1
+    assert not (tmp_path / "ckpt.tmp").exists() and not (tmp_path / "ckpt.old").exists()
