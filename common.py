@@ -81,7 +81,8 @@ class TrainArgs:
     kl_type: str = arg("k3", "KL estimator", choices=["k1", "k2", "k3"])
     max_grad_norm: float = arg(1.0, "gradient clipping")
     device: str = arg("auto", "cpu, cuda, or auto")
-    dtype: str = arg("auto", "float32, bfloat16, or auto (float32 on CPU, bfloat16 on GPU)")
+    dtype: str = arg("auto", "weights' dtype; auto: float32 on CPU, bfloat16 on GPU",
+                     choices=["auto", "float32", "bfloat16", "float16"])
     logp_chunk: int = arg(1024, "tokens per chunk of the lm-head/log-softmax (memory vs speed)")
 
 
@@ -95,9 +96,7 @@ def parse_args(cls, argv=None, presets: dict | None = None):
         if f.type in (bool, "bool"):
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            if f.default is None:  # "X | None" fields: parse by the declared type of X
-                typ = {"int | None": int, "float | None": float}.get(str(f.type), str)
+            typ = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
             p.add_argument(name, type=typ, default=f.default, choices=choices, help=help_)
     if presets:
         chosen = p.parse_known_args(argv)[0].variant
@@ -210,8 +209,8 @@ class Problem:
 
 
 # arith: word problems in ten levels, {level: (template, range of a, of b, of c, answer)}. On smollm2-135m
-# (temperature 0.7, 48 tokens) level 1 succeeds most of the time and levels 7-10 almost never, so a
-# batch spans the whole range of success rates p(x), which is what value models need.
+# (temperature 0.7, 48 tokens) levels 1, 2 and 5 succeed about half the time and levels 7-10 rarely, so
+# a batch spans the whole range of success rates p(x), which is what value models need (README: numbers).
 ARITH_LEVELS = {
     1: ("What is {a} + {b}?", (1, 5), (1, 4), (0, 0), lambda a, b, c: a + b),
     2: ("What is {a} + {b}?", (1, 9), (1, 9), (0, 0), lambda a, b, c: a + b),
@@ -426,13 +425,15 @@ class VLLMSampler:
     Log-probs are requested in 'processed' mode: after temperature, like the trainer's."""
 
     def __init__(self, path: str, tok, dtype=torch.float32, gpu_memory_utilization: float | None = None,
-                 max_model_len: int = 2048, seed: int = 0):
+                 max_model_len: int | None = None, seed: int = 0):
         # One process: the engine lives beside the trainer, so sync_weights hands over tensors, not pickles
         # (TRL's "colocate" mode does the same), and scripts need no `if __name__ == "__main__"` guard.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
         on_cpu = not torch.cuda.is_available()
         self.tok = tok
+        # memory share: on CPU it is the share of RAM reserved for the KV cache; on a GPU the trainer
+        # shares the device, so leave it half (ours; raise it when the policy is small)
         self.llm = LLM(model=path, dtype=dtype, seed=seed, max_model_len=max_model_len, enforce_eager=on_cpu,
                        gpu_memory_utilization=gpu_memory_utilization or (0.2 if on_cpu else 0.5),
                        logprobs_mode="processed_logprobs", enable_prefix_caching=False)

@@ -1,6 +1,7 @@
 """grpo.py as a user runs it: metrics, --help, determinism, --resume, bad input, NaN safety."""
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -20,8 +21,9 @@ DESIGN_METRICS = {"reward", "acc", "adv_std", "frac_reward_zero_std", "rollouts"
 VOLATILE = {"time_gen", "time_train", "time_step", "peak_mem_gb"}
 
 
-def run(*args, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *args], capture_output=True, text=True, cwd=ROOT)
+def run(*args, check=True, env=None):
+    p = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                       env=None if env is None else {**os.environ, **env})
     if check and p.returncode != 0:
         raise AssertionError(p.stderr[-3000:])
     return p
@@ -94,6 +96,8 @@ def test_missing_model_is_a_clear_error(tmp_path):
     assert p.returncode != 0 and "no such folder" in p.stderr
     p = run("--model", str(tmp_path), check=False)  # exists but is no model
     assert p.returncode != 0 and "no config.json" in p.stderr
+    p = run("--model", "Qwen3-4B", check=False, env={"HF_HUB_OFFLINE": "1"})  # an alias, with no network
+    assert p.returncode != 0 and "--model Qwen3-4B: could not load 'Qwen/Qwen3-4B-Instruct-2507'" in p.stderr
 
 
 def test_malformed_data_fails_fast(tmp_path):
