@@ -128,7 +128,7 @@ def main(args: Args):
     G, P = args.group_size, args.prompts_per_step
     buffer = int(args.overlong_buffer * args.max_new_tokens)
 
-    if start == 0:
+    if start == 0 and eval_set:
         logger.log(0, {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)})
     for step in C.tqdm(range(start + 1, args.steps + 1), desc="grpo", initial=start, total=args.steps):
         timer, t0 = C.Timer(), time.perf_counter()

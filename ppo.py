@@ -109,7 +109,7 @@ def main(args: Args):
     logger = C.RunLogger(args.out, resume_step=start)
     G, P, mbs = args.group_size, args.prompts_per_step, args.micro_batch_size
 
-    if start == 0:
+    if start == 0 and eval_set:
         logger.log(0, {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)})
     for step in C.tqdm(range(start + 1, args.steps + 1), desc="ppo", initial=start, total=args.steps):
         timer, t0 = C.Timer(), time.perf_counter()

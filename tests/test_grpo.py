@@ -138,3 +138,22 @@ def test_micro_batches_do_not_change_the_gradient(tiny_lm):
             C.policy_update(tiny_lm, opt, batch, adv, grpo.Args(micro_batch_size=mbs, loss_agg=agg, max_grad_norm=1e9))
             grads.append(torch.cat([p.grad.flatten() for p in tiny_lm.parameters() if p.grad is not None]))
         assert torch.allclose(grads[0], grads[1], atol=1e-6), agg
+
+
+@pytest.mark.parametrize("variant,extra", [
+    ("dapo", ["--kl-coef", "0.001", "--epochs", "2", "--minibatch-size", "4", "--dual-clip", "3"]),
+    ("drgrpo", ["--data", "arith", "--oracle-k", "2"]),
+])
+def test_variants_and_options_run(variant, extra, tmp_path):
+    """The paths the default run does not take: DAPO's dynamic sampling and overlong shaping, the KL
+    reference model, several epochs and mini-batches (frozen logp_old), Dr.GRPO's aggregation."""
+    run(*TINY, "--variant", variant, *extra, "--out", str(tmp_path))
+    r = rows(tmp_path)[1:]
+    assert len(r) == 2 and all(x["nan_skips"] == 0 for x in r)
+    if variant == "dapo":
+        for x in r:  # dynamic sampling: only informative groups are kept, every sampled rollout is counted
+            assert x["groups"] <= 2 and x["rollouts"] >= 8 and x["rollouts"] % 4 == 0
+            assert x["kl"] is not None and x["kl"] >= 0  # k3 is never negative
+        assert any(x["clip_frac"] is not None for x in r)
+    else:
+        assert all(x["baseline_mse"] is not None for x in r)
