@@ -812,6 +812,16 @@ def success_rates(sampler, tok, problems: list[Problem], k: int, max_new_tokens:
     return hits / k
 
 
+def oracle_baseline_mse(sampler, tok, problems: list[Problem], baseline, args, seed: int) -> dict:
+    """The baseline_mse diagnostic every method logs: a method's per-prompt baseline b(x) (0/1 reward scale,
+    [N]) against p_hat(x) from args.oracle_k fresh rollouts that never enter training.
+        baseline_mse = mean_x (b(x) - p_hat(x))^2
+        oracle_var   = mean_x p_hat(1 - p_hat) / (K - 1)   (the oracle's own noise, included in the MSE)"""
+    p_hat = success_rates(sampler, tok, problems, args.oracle_k, args.max_new_tokens, args.temperature, seed)
+    return {"baseline_mse": float(np.mean((np.asarray(baseline, dtype=float) - p_hat) ** 2)),
+            "oracle_var": float(np.mean(p_hat * (1 - p_hat) / max(args.oracle_k - 1, 1)))}
+
+
 def evaluate(sampler, tok, problems: list[Problem], max_new_tokens: int, n: int = 1, temperature: float = 0.0,
              seed: int = 0) -> float:
     """Accuracy (greedy, n=1) or mean@n (temperature > 0) on a problem set (NaN for an empty set)."""

@@ -38,7 +38,6 @@ import copy
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 import common as C
@@ -162,10 +161,8 @@ def main(args: Args):
                    "tokens": tokens, "no_answer": no_answer, "groups": len(probs),
                    "resp_len": lengths.float().mean().item() if len(probs) else 0.0}
         if args.oracle_k > 0 and len(probs):  # diagnostic only: the group mean vs a Monte-Carlo p(x)
-            p_hat = C.success_rates(sampler, tok, probs, args.oracle_k, args.max_new_tokens, args.temperature,
-                                    seed=args.seed * 7_919 + step)
-            metrics["baseline_mse"] = float(np.mean((correct.mean(-1).numpy() - p_hat) ** 2))
-            metrics["oracle_var"] = float(np.mean(p_hat * (1 - p_hat) / max(args.oracle_k - 1, 1)))
+            metrics.update(C.oracle_baseline_mse(sampler, tok, probs, correct.mean(-1).numpy(), args,
+                                                 seed=args.seed * 7_919 + step))
 
         # 3. policy update with the clipped surrogate
         with timer("time_train"):

@@ -42,7 +42,6 @@ import copy
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 import common as C
@@ -152,11 +151,8 @@ def main(args: Args):
                        rollouts=len(roll), tokens=int(mask.sum()), no_answer=no_answer,
                        resp_len=mask.sum(-1).mean().item())
         if args.oracle_k > 0:  # diagnostic only: the critic's V(s_0) vs a Monte-Carlo p(x)
-            p_hat = C.success_rates(sampler, tok, probs, args.oracle_k, args.max_new_tokens, args.temperature,
-                                    seed=args.seed * 7_919 + step)
             v0 = values[:, 0].view(P, G).mean(-1).cpu().numpy()  # same prompt, same state s_0
-            metrics["baseline_mse"] = float(np.mean((v0 - p_hat) ** 2))
-            metrics["oracle_var"] = float(np.mean(p_hat * (1 - p_hat) / max(args.oracle_k - 1, 1)))
+            metrics.update(C.oracle_baseline_mse(sampler, tok, probs, v0, args, seed=args.seed * 7_919 + step))
 
         # 4. log, evaluate, checkpoint
         if step == args.steps or (args.eval_every and step % args.eval_every == 0):
