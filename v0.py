@@ -78,7 +78,7 @@ import common as C
 from common import arg
 
 HERE = Path(__file__).resolve().parent
-PRETRAINED = HERE / "pretrained" / "v0-smollm2-arith"  # made by the commands in README ("V0: pretrained")
+PRETRAINED = "pretrained/v0-smollm2-arith"  # committed; made by the commands in README ("V0: the pretrained model")
 
 
 # ================================================================================================
@@ -104,25 +104,16 @@ def prompt_key(row: dict) -> str:
 
 def read_rows(path, prompts: dict | None = None) -> list[dict]:
     """Rows of a .jsonl file, checked: every key present, score a number in [-1, 1], the prompt known."""
-    path, rows = Path(path), []
-    if not path.exists():
-        raise SystemExit(f"{path}: file not found")
-    with open(path) as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
-            missing = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise ValueError(f"{path}:{i}: row lacks {missing} (needs {list(ROW_KEYS)})")
-            if not isinstance(row["score"], (int, float)) or not -1.0 <= row["score"] <= 1.0:
-                raise ValueError(f"{path}:{i}: score must be a number in [-1, 1] (mean of +-1 rewards), got {row['score']!r}")
-            if prompts is not None and prompt_key(row) not in prompts:
-                raise ValueError(f"{path}:{i}: prompt '{prompt_key(row)}' is not in the prompt file")
-            rows.append(row)
+    rows = []
+    for i, row in C.read_jsonl(path):
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{i}: row lacks {missing} (needs {list(ROW_KEYS)})")
+        if not isinstance(row["score"], (int, float)) or not -1.0 <= row["score"] <= 1.0:
+            raise ValueError(f"{path}:{i}: score must be a number in [-1, 1] (mean of +-1 rewards), got {row['score']!r}")
+        if prompts is not None and prompt_key(row) not in prompts:
+            raise ValueError(f"{path}:{i}: prompt '{prompt_key(row)}' is not in the prompt file")
+        rows.append(row)
     return rows
 
 
@@ -204,13 +195,23 @@ class Backbone:
             self.layer, self.pool = (n_layers // 2 if layer < 0 else layer), "last"
         self.tok.padding_side = "right"
         self.dim = self.model.config.hidden_size
-        slug = "".join(c if c.isalnum() else "-" for c in f"{name}-L{self.layer}-{max_tokens}")
-        self.cache_path = C.cache_dir() / "v0-states" / f"{slug}.pt"
-        self.cache = torch.load(self.cache_path) if self.cache_path.exists() else {}
+        self.slug = "".join(c if c.isalnum() else "-" for c in f"{name}-L{self.layer}-{max_tokens}")
+        self.cache, self.loaded = {}, set()
+
+    def use_disk_cache(self, prompt_file):
+        """Keep the token states of a prompt file on disk (the authors' 2910 prompts take ~1 min to encode on
+        2 cores): one file per (backbone, prompt file), read here, extended by encode()."""
+        p = Path(prompt_file).resolve()
+        tag = hashlib.sha1(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+        self.cache_path = C.cache_dir() / "v0-states" / f"{self.slug}-{tag}.pt"
+        if self.cache_path.exists() and self.cache_path not in self.loaded:
+            self.cache.update(torch.load(self.cache_path))
+            self.loaded.add(self.cache_path)
 
     @torch.no_grad()
     def encode(self, texts: list[str], desc: str | None = None) -> list[torch.Tensor]:
-        """texts -> list of H [T_i, d] (fp16, CPU). Computed once per text, then read from the cache."""
+        """texts -> list of H [T_i, d] (fp16, CPU). Computed once per text, then read from the cache (memory;
+        on disk too after use_disk_cache)."""
         keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
         todo = sorted({k: t for k, t in zip(keys, texts) if k not in self.cache}.items(), key=lambda kt: len(kt[1]))
         for i in C.tqdm(range(0, len(todo), self.batch_size), desc=desc or "encode prompts", disable=len(todo) < 64):
@@ -221,7 +222,7 @@ class Backbone:
             H = out.hidden_states[self.layer] if self.layer is not None else out.last_hidden_state
             for (k, _), h, m in zip(chunk, H, enc["attention_mask"].bool()):
                 self.cache[k] = h[m].to("cpu", torch.float16).clone()
-        if todo:
+        if todo and getattr(self, "cache_path", None):
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(self.cache, self.cache_path.with_suffix(".tmp"))
             os.replace(self.cache_path.with_suffix(".tmp"), self.cache_path)
@@ -373,6 +374,8 @@ class V0(nn.Module):
 def load_v0(folder, device="cpu") -> tuple[V0, Backbone]:
     from safetensors.torch import load_file
     folder = Path(folder)
+    if not folder.exists() and (HERE / folder).exists():  # the committed model, from any working directory
+        folder = HERE / folder
     if not (folder / "config.json").exists() or not (folder / "v0.safetensors").exists():
         raise SystemExit(f"--ckpt {folder}: not a V0 checkpoint (needs config.json and v0.safetensors; "
                          "make one with `python v0.py train`)")
@@ -513,6 +516,7 @@ def train(args: TrainV0Args):
     if args.val > 0:
         rows, val_rows = split_holdout(rows, args.val, args.seed + 1)
     bb = Backbone(args.backbone, args.backbone_layer, args.max_tokens)
+    bb.use_disk_cache(Path(args.data) / "prompt_dict.json")
     texts = [prompts[prompt_key(r)] for r in rows]
     states = bb.encode(texts)
     pooled = bb.pooled(states)
@@ -620,10 +624,12 @@ def predict(model: V0, bb: Backbone, ctx_texts: list[str], ctx_y, query_texts: l
 @dataclass
 class EvalArgs:
     """Within-task ROC-AUC (label: success rate >= 0.5) and MSE of V0 vs the context mean and kNN."""
-    ckpt: str = arg(str(PRETRAINED), "V0 checkpoint folder")
+    ckpt: str = arg("runs/v0", "V0 checkpoint folder (what `v0.py train` writes by default)")
     prompts: str = arg("../shared/data/v0/prompt_dict.json", "prompt file {'<dataset>_<id>': text}")
-    context: str = arg("../shared/data/v0/context.jsonl", "context rows (the policies' histories)")
-    queries: str = arg("../shared/data/v0/train.jsonl", "query rows to predict (use rows V0 was not trained on)")
+    context: str = arg("", "context rows, the policies' histories (default: CKPT/heldout/context.jsonl, "
+                       "else ../shared/data/v0/context.jsonl)")
+    queries: str = arg("", "query rows V0 was not trained on (default: CKPT/heldout/queries.jsonl, written by "
+                       "`train --holdout`)")
     max_context: int = arg(0, "use at most this many context rows per task (0: all)")
     seed: int = arg(0, "seed (subsampling of the context)")
 
@@ -671,12 +677,384 @@ def evaluate_v0(model, bb, prompts, ctx_rows, q_rows, max_context=0, seed=0, out
 
 def eval_main(args: EvalArgs):
     model, bb = load_v0(args.ckpt)
+    held = Path(args.ckpt) / "heldout"
+    queries = args.queries or (held / "queries.jsonl" if (held / "queries.jsonl").exists() else None)
+    if queries is None:
+        raise SystemExit(f"--queries: give the rows to predict (none held out in {held}; train with --holdout 0.2 "
+                         "to make some)")
+    context = args.context or (held / "context.jsonl" if (held / "context.jsonl").exists()
+                               else Path(args.prompts).parent / "context.jsonl")
     prompts = read_prompts(args.prompts)
-    return evaluate_v0(model, bb, prompts, read_rows(args.context, prompts), read_rows(args.queries, prompts),
+    bb.use_disk_cache(args.prompts)
+    print(f"context {context}, queries {queries}")
+    return evaluate_v0(model, bb, prompts, read_rows(context, prompts), read_rows(queries, prompts),
                        args.max_context, args.seed)
 
 
-COMMANDS = {"train": (TrainV0Args, train), "eval": (EvalArgs, eval_main)}
+# ================================================================================================
+# collect: our own instruction-performance rows, in the authors' format
+# ================================================================================================
+
+
+@dataclass
+class CollectArgs:
+    """Run policies on problems (n rollouts each) and write instruction-performance rows + prompt_dict.json."""
+    model: str = arg("smollm2-135m", "policies, comma-separated: model names, HF folders, or run folders of our "
+                     "scripts (their ckpt/policy; the row's step is the checkpoint's)")
+    temperatures: str = arg("0.7", "sampling temperatures, comma-separated; each (policy, T) is its own task")
+    data: str = arg("arith", "problems (same forms as the training scripts' --data)")
+    problems: int = arg(256, "how many problems")
+    skip: int = arg(0, "start at this problem index (disjoint context / query sets from one source)")
+    n: int = arg(8, "rollouts per problem (the score is their mean +-1 reward)")
+    max_new_tokens: int = arg(48, "response length limit")
+    out: str = arg("data/v0_arith/context.jsonl", "rows file; prompt_dict.json is written (merged) beside it")
+    type: str = arg("context", "the rows' `type` field (the authors use context / train_query)")
+    dataset: str = arg("", "dataset name in the rows (default: from --data)")
+    sampler: str = arg("auto", "rollout backend", choices=["auto", "hf", "vllm"])
+    seed: int = arg(0, "sampling seed")
+    device: str = arg("auto", "cpu, cuda, or auto")
+
+
+def policy_spec(spec: str) -> tuple[str, str, int]:
+    """'runs/x' (a run folder) -> (its ckpt/policy, label, step); anything else -> (spec, label, 0)."""
+    run = Path(spec)
+    if (run / "ckpt" / "state.pt").exists():
+        step = torch.load(run / "ckpt" / "state.pt", weights_only=False)["step"]
+        return str(run / "ckpt" / "policy"), run.name, int(step)
+    return spec, Path(spec).name if Path(spec).exists() else spec, 0
+
+
+def collect_rows(policy: str, temperature: float, problems: list[C.Problem], ids: list, dataset: str, args,
+                 label: str | None = None) -> list[dict]:
+    """n rollouts per problem from one policy at one temperature -> rows {id, score, type, model, step, dataset}."""
+    path, name, step = policy_spec(policy)
+    dev, dtype = C.pick_device(args.device)
+    model, tok, mpath = C.load_model(path, dev, dtype)
+    sampler = C.make_sampler(args.sampler, model, tok, mpath, dtype, args.seed)
+    rates = C.success_rates(sampler, tok, problems, args.n, args.max_new_tokens, temperature, args.seed)
+    del sampler, model
+    label = label or f"{name}@T{temperature:g}"
+    return [{"id": i, "score": round(2 * float(r) - 1, 6), "type": args.type, "model": label, "step": step,
+             "dataset": dataset} for i, r in zip(ids, rates)]
+
+
+def dataset_name(spec: str) -> str:
+    return Path(spec.replace(":", "-")).stem
+
+
+def write_prompts(folder, prompts: dict):
+    path = Path(folder) / "prompt_dict.json"
+    old = read_prompts(path) if path.exists() else {}
+    clash = [k for k in prompts if k in old and old[k] != prompts[k]]
+    if clash:
+        raise SystemExit(f"{path}: prompt {clash[0]} already holds a different text (use another --dataset name)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps({**old, **prompts}, indent=0))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def collect(args: CollectArgs):
+    C.seed_everything(args.seed)
+    dataset = args.dataset or dataset_name(args.data)
+    problems = C.load_problems(args.data)[args.skip:args.skip + args.problems]
+    ids = list(range(args.skip, args.skip + len(problems)))  # the row id = position in --data
+    rows = []
+    for policy in args.model.split(","):
+        for t in map(float, args.temperatures.split(",")):
+            t0 = time.perf_counter()
+            rows += collect_rows(policy.strip(), t, problems, ids, dataset, args)
+            ys = [success_rate(r["score"]) for r in rows[-len(problems):]]
+            print(f"{rows[-1]['model']} step {rows[-1]['step']}: mean success {np.mean(ys):.3f}, "
+                  f"{np.mean([0 < y < 1 for y in ys]):.2f} of prompts with spread ({time.perf_counter() - t0:.0f} s)")
+    write_prompts(Path(args.out).parent, {f"{dataset}_{i}": p.question for i, p in zip(ids, problems)})
+    write_jsonl(args.out, rows)
+    print(f"wrote {len(rows)} rows to {args.out} and prompts to {Path(args.out).parent / 'prompt_dict.json'}")
+    return rows
+
+
+# ================================================================================================
+# grpo: V0 allocates the rollout budget
+# ================================================================================================
+
+
+def informative_prob(p, n):
+    """P(a group of n rollouts has reward spread) = 1 - p^n - (1 - p)^n  (0 for n < 2)."""
+    p, n = np.asarray(p, float), np.asarray(n)
+    return np.where(n >= 2, 1 - p ** n - (1 - p) ** n, 0.0)
+
+
+def allocate_budget(p, budget: int, n_min: int, n_max: int) -> np.ndarray:
+    """Ours (the paper does not publish its rule): spend `budget` rollouts on candidate prompts with predicted
+    success rates p [M] so as to maximise the expected number of informative groups sum_i u(p_i, n_i),
+    u = 1 - p^n - (1-p)^n, with n_i = 0 (skipped) or n_min <= n_i <= n_max.
+    Greedy on expected informative groups per rollout: opening a group costs n_min rollouts and gains
+    u(p, n_min); growing one by a rollout gains u(p, n+1) - u(p, n). u is concave in n >= 2, so the greedy
+    top-ups are optimal given the open groups. Prompts predicted near 0 or 1 gain ~0 and are left out.
+    -> n [M] ints, sum(n) <= budget (less only when every candidate is full)."""
+    p = np.clip(np.asarray(p, float), 0.0, 1.0)
+    n = np.zeros(len(p), dtype=int)
+    left = budget
+    while left > 0:
+        open_gain = np.where((n == 0) & (n_min <= left), informative_prob(p, n_min) / n_min, -1.0)
+        grow_gain = np.where((n > 0) & (n < n_max), informative_prob(p, n + 1) - informative_prob(p, n), -1.0)
+        i_o, i_g = int(open_gain.argmax()), int(grow_gain.argmax())
+        if max(open_gain[i_o], grow_gain[i_g]) < 0:
+            break  # nothing can be opened or grown
+        if open_gain[i_o] >= grow_gain[i_g]:
+            n[i_o], left = n_min, left - n_min
+        else:
+            n[i_g], left = n[i_g] + 1, left - 1
+    return n
+
+
+def ragged_group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale_std: bool = True, eps: float = 1e-6):
+    """GRPO's group baseline when groups differ in size. rewards [B], group [B] (group index per rollout) -> [B]
+        A_i = (r_i - mean_g r) / (std_g r + eps)   (std with ddof=1, as in grpo.py)"""
+    G = int(group.max()) + 1
+    cnt = torch.zeros(G).index_add_(0, group, torch.ones_like(rewards))
+    mean = torch.zeros(G).index_add_(0, group, rewards) / cnt
+    adv = rewards - mean[group]
+    if scale_std:
+        var = torch.zeros(G).index_add_(0, group, adv ** 2) / (cnt - 1).clamp(min=1)
+        adv = adv / (var.sqrt()[group] + eps)
+    return adv
+
+
+@dataclass
+class GrpoArgs(C.TrainArgs):
+    """GRPO where V0 predicts each candidate prompt's success rate from the policy's own history and
+    allocates a fixed rollout budget (or: uniform allocation, or DAPO dynamic sampling, for comparison)."""
+    alloc: str = arg("v0", "v0: V0 allocates prompts_per_step * group_size rollouts over candidates; uniform: "
+                     "group_size each to prompts_per_step prompts; dynamic: uniform, then resample zero-std groups "
+                     "(DAPO)", choices=["v0", "uniform", "dynamic"])
+    group_size: int = arg(4, "G; the budget per step is prompts_per_step * G rollouts")
+    candidates: int = arg(3, "v0: V0 scores candidates * prompts_per_step prompts per step")
+    min_group: int = arg(4, "v0: smallest group it opens")
+    max_group: int = arg(8, "v0: largest group")
+    v0: str = arg(PRETRAINED, "V0 checkpoint (train one with `v0.py collect` + `v0.py train`)")
+    history: int = arg(256, "v0: the policy's most recent (prompt, success rate) rows V0 reads as context")
+    history_init: str = arg("auto", "v0: rows to start the history from: auto (the checkpoint's own "
+                            "context.jsonl, collected from the base policy), a rows .jsonl (with prompt_dict.json "
+                            "beside it), or none")
+    max_resample: int = arg(3, "dynamic: extra sampling rounds per step at most")
+    scale_std: bool = arg(True, "divide advantages by the group std (GRPO)")
+
+
+def initial_history(args: GrpoArgs) -> list[tuple[str, float]]:
+    if args.alloc != "v0" or args.history_init == "none":
+        return []
+    ck = Path(args.v0) if Path(args.v0).exists() else HERE / args.v0
+    path = ck / "context.jsonl" if args.history_init == "auto" else Path(args.history_init)
+    if not path.exists():
+        return []
+    prompts = read_prompts(path.parent / "prompt_dict.json")
+    return [(prompts[prompt_key(r)], success_rate(r["score"])) for r in read_rows(path, prompts)][-args.history:]
+
+
+def grpo(args: GrpoArgs):
+    dev, dtype = C.pick_device(args.device, args.dtype)
+    C.seed_everything(args.seed)
+    policy, tok, path = C.load_model(args.model, dev, dtype)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
+    stream = C.ProblemStream(train_set, args.seed)
+    v0model, bb = load_v0(args.v0) if args.alloc == "v0" else (None, None)
+    history = initial_history(args)  # [(prompt text, success rate)], newest last
+    start = 0
+    if args.resume:
+        state = C.load_checkpoint(args.out, {"policy": (policy, optimizer)})
+        start, stream.cursor, history = state["step"], state["extra"]["cursor"], state["extra"]["history"]
+    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+    logger = C.RunLogger(args.out, resume_step=start)
+    P, G = args.prompts_per_step, args.group_size
+    budget = P * G
+    if start == 0 and eval_set:
+        logger.log(0, {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)})
+    for step in C.tqdm(range(start + 1, args.steps + 1), desc=f"v0-grpo[{args.alloc}]", initial=start, total=args.steps):
+        timer, t0, metrics = C.Timer(), time.perf_counter(), {}
+        # 1. where do the rollouts go? V0: predict p for candidates, allocate; uniform / dynamic: G each
+        with timer("time_v0"):
+            if args.alloc == "v0":
+                cand = stream.take(args.candidates * P)
+                p_hat = (predict(v0model, bb, [h[0] for h in history], [h[1] for h in history], [c.question for c in cand])
+                         if history else np.full(len(cand), 0.5))  # no history yet: every prompt looks alike
+                n = allocate_budget(p_hat, budget, args.min_group, args.max_group)
+                keep = np.nonzero(n)[0]
+                probs, ns, p_hat = [cand[i] for i in keep], n[keep].tolist(), p_hat[keep]
+            else:
+                probs, ns, p_hat = stream.take(P), [G] * P, None
+        # 2. rollouts and rewards (dynamic: resample prompts whose group came back all-equal)
+        groups = []  # (problem, rollouts, rewards [n])
+        with timer("time_gen"):
+            for attempt in range(1 + (args.max_resample if args.alloc == "dynamic" else 0)):
+                roll = sampler.generate([C.build_prompt(tok, p) for p in probs], ns, args.max_new_tokens,
+                                        args.temperature, seed=args.seed * 1_000_003 + step * 101 + attempt)
+                correct, na = C.score([r.text for r in roll], [probs[r.prompt_idx].answer for r in roll])
+                metrics["no_answer"] = metrics.get("no_answer", 0) + na
+                for i, p in enumerate(probs):
+                    mine = [k for k, r in enumerate(roll) if r.prompt_idx == i]
+                    groups.append((p, [roll[k] for k in mine], torch.tensor([correct[k] for k in mine])))
+                missing = P - sum(float(g[2].max() > g[2].min()) for g in groups)
+                if args.alloc != "dynamic" or missing <= 0:
+                    break
+                probs, ns = stream.take(int(missing)), [G] * int(missing)
+        flat = [float(g[2].max() == g[2].min()) for g in groups]
+        sizes = [len(g[2]) for g in groups]
+        rates = np.array([g[2].float().mean().item() for g in groups])
+        history = (history + [(g[0].question, float(r)) for g, r in zip(groups, rates)])[-args.history:]
+        if p_hat is not None:
+            metrics.update(v0_pred_mse=float(np.mean((p_hat - rates) ** 2)), v0_auc=roc_auc(p_hat, rates >= 0.5))
+
+        # 3. GRPO on every group (zero-std groups have zero advantage and add nothing to the gradient)
+        roll = [r for g in groups for r in g[1]]
+        rewards = torch.cat([g[2] for g in groups]).float()
+        gidx = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))
+        adv = ragged_group_advantages(rewards, gidx, args.scale_std)
+        informative = len(groups) - int(sum(flat))
+        metrics.update(reward=rewards.mean().item(), acc=rewards.mean().item(), adv_std=adv.std().item(),
+                       frac_reward_zero_std=float(np.mean(flat)), rollouts=len(roll), groups=len(groups),
+                       wasted_rollout_frac=float(sum(s for s, f in zip(sizes, flat) if f) / len(roll)),
+                       rollouts_per_useful_group=len(roll) / informative if informative else float("nan"),
+                       tokens=sum(len(r.ids) for r in roll))
+        with timer("time_train"):
+            batch = C.collate(roll, tok.pad_token_id, dev)
+            adv_tok = adv[:, None].to(dev) * batch["response_mask"]  # [B, L]
+            metrics.update(C.policy_update(policy, optimizer, batch, adv_tok, args))
+            sampler.sync_weights(policy)
+
+        # 4. log, evaluate, checkpoint
+        if step == args.steps or (args.eval_every and step % args.eval_every == 0):
+            metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+        metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
+        logger.log(step, metrics)
+        if step == args.steps or (args.save_every and step % args.save_every == 0):
+            C.save_checkpoint(args.out, step, {"policy": (policy, optimizer)}, {"cursor": stream.cursor, "history": history})
+    return logger.path
+
+
+# ================================================================================================
+# route: send each prompt to the policy with the best predicted value for its cost
+# ================================================================================================
+
+
+def route_choice(p: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
+    """Ours (the paper's routing rule is not published): m*(x) = argmax_m p_m(x) - lambda * cost_m.
+    p [M, X], costs [M] -> chosen policy per prompt [X]. lambda = 0: the most likely to succeed."""
+    return np.argmax(p - lam * costs[:, None], axis=0)
+
+
+def route_curve(p, truth, costs, lambdas) -> list[tuple[float, float, float]]:
+    """(lambda, mean cost, mean true success) for each lambda; truth [M, X] = measured success rates."""
+    X = np.arange(p.shape[1])
+    out = []
+    for lam in lambdas:
+        m = route_choice(p, costs, lam)
+        out.append((float(lam), float(costs[m].mean()), float(truth[m, X].mean())))
+    return out
+
+
+@dataclass
+class RouteArgs:
+    """Route each problem to one of several policies by V0's p_m(x) - lambda * cost_m; plot accuracy vs cost."""
+    policies: str = arg("smollm2-135m@1.0:1,smollm2-135m@0.3:2", "policies as NAME[@T][:cost], comma-separated "
+                        "(NAME: model, HF folder or run folder; T: temperature, default 0.7; cost: default its position)")
+    data: str = arg("arith:test", "problems to route")
+    problems: int = arg(128, "how many problems to route")
+    context_data: str = arg("arith", "problems whose measured success rates form each policy's V0 context")
+    context_problems: int = arg(128, "how many")
+    n: int = arg(4, "rollouts per problem to measure success rates (context and truth)")
+    max_new_tokens: int = arg(48, "response length limit")
+    rows: str = arg("", "instead of sampling: a folder in the authors' layout whose tasks are the policies "
+                    "(rows sharing prompt ids); half the shared prompts become context, half are routed")
+    costs: str = arg("", "with --rows: cost per task as MODEL=cost,... (default: position)")
+    v0: str = arg(PRETRAINED, "V0 checkpoint")
+    out: str = arg("runs/route", "run folder: route.png, route.json")
+    sampler: str = arg("auto", "rollout backend", choices=["auto", "hf", "vllm"])
+    device: str = arg("auto", "cpu, cuda, or auto")
+    seed: int = arg(0, "seed")
+
+
+def route_inputs_from_policies(args: RouteArgs):
+    specs = []
+    for k, item in enumerate(args.policies.split(",")):
+        name, _, cost = item.strip().partition(":")
+        name, _, t = name.partition("@")
+        specs.append((name, float(t or 0.7), float(cost or k + 1)))
+    ctx_p, test_p = C.load_problems(args.context_data, args.context_problems), C.load_problems(args.data, args.problems)
+    cargs = CollectArgs(n=args.n, max_new_tokens=args.max_new_tokens, sampler=args.sampler, seed=args.seed,
+                        device=args.device)
+    names, costs, ctx, truth = [], [], [], []
+    for name, t, cost in specs:
+        c_rows = collect_rows(name, t, ctx_p, list(range(len(ctx_p))), "ctx", cargs, label=f"{name}@T{t:g}")
+        t_rows = collect_rows(name, t, test_p, list(range(len(test_p))), "test", cargs, label=f"{name}@T{t:g}")
+        names.append(f"{name}@T{t:g}"), costs.append(cost)
+        ctx.append(([p.question for p in ctx_p], [success_rate(r["score"]) for r in c_rows]))
+        truth.append([success_rate(r["score"]) for r in t_rows])
+    return names, np.array(costs), ctx, [p.question for p in test_p], np.array(truth)
+
+
+def route_inputs_from_rows(args: RouteArgs):
+    prompts, rows = load_folder(args.rows)
+    tasks = by_task(rows)
+    names = ["/".join(map(str, k[1:])) for k in tasks]
+    shared = sorted(set.intersection(*[{prompt_key(r) for r in v} for v in tasks.values()]))
+    if len(shared) < 4:
+        raise SystemExit(f"--rows {args.rows}: the tasks share {len(shared)} prompts; routing needs the same prompts "
+                         "measured under every policy")
+    rng = np.random.default_rng(args.seed)
+    test = set(rng.choice(shared, len(shared) // 2, replace=False).tolist())
+    given = dict(kv.split("=") for kv in args.costs.split(",")) if args.costs else {}
+    costs = np.array([float(given.get(k[1], i + 1)) for i, k in enumerate(tasks)])
+    ctx, truth = [], []
+    test_keys = sorted(test)
+    for v in tasks.values():
+        c = [r for r in v if prompt_key(r) not in test]
+        ctx.append(([prompts[prompt_key(r)] for r in c], [success_rate(r["score"]) for r in c]))
+        y = {prompt_key(r): success_rate(r["score"]) for r in v}
+        truth.append([y[k] for k in test_keys])
+    return names, costs, ctx, [prompts[k] for k in test_keys], np.array(truth)
+
+
+def route(args: RouteArgs):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    C.seed_everything(args.seed)
+    names, costs, ctx, queries, truth = (route_inputs_from_rows if args.rows else route_inputs_from_policies)(args)
+    model, bb = load_v0(args.v0)
+    p = np.stack([predict(model, bb, ct, cy, queries) for ct, cy in ctx])  # [M, X]
+    X = np.arange(truth.shape[1])
+    lambdas = np.concatenate([[0.0], np.geomspace(1e-3, 10, 60) / max(np.ptp(costs), 1e-9)])
+    curve = route_curve(p, truth, costs, lambdas)
+    oracle = route_curve(truth, truth, costs, lambdas)  # routing by the true success rates: the ceiling
+    cheap, best = int(np.argmin(costs)), int(np.argmax([np.mean(c[1]) for c in ctx]))  # best by its history
+    rand = [(q * costs[best] + (1 - q) * costs[cheap], q * truth[best].mean() + (1 - q) * truth[cheap].mean())
+            for q in np.linspace(0, 1, 11)]  # pick `best` with probability q (expected values)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.plot([c[1] for c in curve], [c[2] for c in curve], "o-", ms=3, label="V0 routing: argmax p - lambda*cost")
+    ax.plot([c[1] for c in oracle], [c[2] for c in oracle], ":", color="gray", label="oracle routing (true p)")
+    ax.plot([r[0] for r in rand], [r[1] for r in rand], "--", color="tab:red", label="random routing")
+    for m, mk in ((cheap, "s"), (best, "^")):
+        ax.plot(costs[m], truth[m].mean(), mk, ms=9, label=f"always {names[m]}")
+    ax.set_xlabel("mean cost per problem"), ax.set_ylabel("accuracy (measured success rate)")
+    ax.set_title(f"routing {len(X)} problems among {len(names)} policies"), ax.legend(fontsize=7), ax.grid(alpha=.3)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout(), fig.savefig(out / "route.png", dpi=120)
+    res = {"policies": names, "costs": costs.tolist(), "accuracy": truth.mean(1).tolist(),
+           "v0_auc": [roc_auc(p[m], truth[m] >= 0.5) for m in range(len(names))],
+           "curve": curve, "oracle": oracle, "random": rand}
+    (out / "route.json").write_text(json.dumps(res, indent=1))
+    for m, nm in enumerate(names):
+        print(f"always {nm:<28} cost={costs[m]:.3g} acc={truth[m].mean():.3f} (V0 AUC on it {res['v0_auc'][m]:.3f})")
+    for lam, c, a in curve[::10]:
+        print(f"lambda={lam:<9.4g} cost={c:.3f} acc={a:.3f}")
+    print(f"wrote {out / 'route.png'} and {out / 'route.json'}")
+    return res
+
+
+COMMANDS = {"collect": (CollectArgs, collect), "train": (TrainV0Args, train), "eval": (EvalArgs, eval_main),
+            "grpo": (GrpoArgs, grpo), "route": (RouteArgs, route)}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
