@@ -882,6 +882,15 @@ class RunLogger:
         tqdm.write(f"step {step:4d} {shown}")
 
 
+def _save_tokenizer(source: str, folder: Path):
+    """Copy the tokenizer of the folder/hub id a model came from, so `--model OUT/ckpt/policy` loads alone."""
+    from transformers import AutoTokenizer
+    try:
+        AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        pass  # a model built from a config (tests): nothing to copy
+
+
 def save_checkpoint(out: str, step: int, parts: dict, extra: dict | None = None):
     """OUT/ckpt/{<part>/model.safetensors..., state.pt}; parts = {"policy": (model, optimizer), ...}.
     Written to a temporary folder, then swapped in with renames, so a crash at any moment leaves either
@@ -890,7 +899,8 @@ def save_checkpoint(out: str, step: int, parts: dict, extra: dict | None = None)
     shutil.rmtree(tmp, ignore_errors=True)
     for name, (model, _) in parts.items():
         if hasattr(model, "save_pretrained"):
-            model.save_pretrained(tmp / name)  # loadable by transformers / vLLM as it is
+            model.save_pretrained(tmp / name)  # loadable by transformers / vLLM as it is, with its tokenizer:
+            _save_tokenizer(getattr(model, "name_or_path", ""), tmp / name)
         else:
             from safetensors.torch import save_file
             (tmp / name).mkdir(parents=True)

@@ -55,6 +55,13 @@ def test_two_steps_write_every_metric(two_step_run):
     assert all(x["baseline_mse"] is not None for x in r[1:])
 
 
+def test_checkpoint_policy_loads_as_a_model(two_step_run):
+    """README: `--model OUT/ckpt/policy` continues from a run; the folder must carry the tokenizer too."""
+    model, tok, _ = C.load_model(str(two_step_run / "ckpt" / "policy"))
+    assert tok.chat_template and tok("What is 1 + 1?")["input_ids"]
+    assert torch.equal(model.model.embed_tokens.weight, weights(two_step_run)["model.embed_tokens.weight"])
+
+
 def test_help_documents_every_flag():
     text = run("--help").stdout
     for f in dataclasses.fields(grpo.Args):
