@@ -179,6 +179,10 @@ def load_model(name: str, device="cpu", dtype=torch.float32):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # keep the console to one line per step
     path = resolve_model(name)
+    if Path(path).is_dir() and not any(Path(path).glob("tokenizer*")):
+        raise SystemExit(f"--model {name}: the folder has weights but no tokenizer (checkpoints written before the "
+                         "tokenizer was saved with them): copy tokenizer*.json and special_tokens_map.json from the "
+                         "base model's folder into it")
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
