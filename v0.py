@@ -59,8 +59,7 @@ Choices that are ours, not the paper's
     context from {5, 10, 20, 40}.
   - Budget allocation and routing rules (the paper does not publish them): see allocate_budget, route_choice.
   - In `grpo`, V0's context is the policy's last --history (prompt, success rate) rows, started from the
-    base policy's collected rows shipped with the checkpoint; --explore of the budget goes to random prompts
-    (G rollouts each), because a history made only of the prompts V0 picked is a biased sample of the policy.
+    base policy's collected rows shipped with the checkpoint.
 """
 from __future__ import annotations
 
@@ -376,11 +375,14 @@ class V0(nn.Module):
             os.replace(tmp, folder)
 
 
+def v0_folder(folder) -> Path:
+    """A checkpoint path as given, else relative to this file (the committed model, from any working directory)."""
+    return Path(folder) if Path(folder).exists() or not (HERE / folder).exists() else HERE / folder
+
+
 def load_v0(folder, device="cpu") -> tuple[V0, Backbone]:
     from safetensors.torch import load_file
-    folder = Path(folder)
-    if not folder.exists() and (HERE / folder).exists():  # the committed model, from any working directory
-        folder = HERE / folder
+    folder = v0_folder(folder)
     if not (folder / "config.json").exists() or not (folder / "v0.safetensors").exists():
         raise SystemExit(f"--ckpt {folder}: not a V0 checkpoint (needs config.json and v0.safetensors; "
                          "make one with `python v0.py train`)")
@@ -526,7 +528,10 @@ def train(args: TrainV0Args):
     states = bb.encode(texts)
     pooled = bb.pooled(states)
     y = torch.tensor([success_rate(r["score"]) for r in rows], dtype=torch.float32)
-    tasks = {k: np.array(v) for k, v in by_task_index(rows).items()}
+    tasks = defaultdict(list)  # task -> indices of its rows
+    for i, r in enumerate(rows):
+        tasks[task_of(r)].append(i)
+    tasks = {k: np.array(v) for k, v in tasks.items()}
 
     cfg = {k: getattr(args, k) for k in ("backbone", "backbone_layer", "max_tokens", "head", "tabpfn_path", "K", "e",
                                          "heads", "bottleneck", "dropout", "head_dim", "head_layers", "head_heads",
@@ -534,7 +539,7 @@ def train(args: TrainV0Args):
     model = V0(bb.dim, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     rng = np.random.default_rng(args.seed)
-    n_ep = len(episodes(tasks, args, np.random.default_rng(0)))
+    n_ep = sum(math.ceil(len(idx) / args.queries) for idx in tasks.values())  # episodes per epoch
     total, warm = args.epochs * n_ep, max(1, int(0.05 * args.epochs * n_ep))
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to 0
         opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm))))
@@ -606,13 +611,6 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
     grid = torch.exp(torch.linspace(math.log(0.25), math.log(8.0), 121))
     losses = torch.stack([soft_ce(logits / t, y) for t in grid])
     return float(grid[losses.argmin()])
-
-
-def by_task_index(rows: list[dict]) -> dict[tuple, list[int]]:
-    out = defaultdict(list)
-    for i, r in enumerate(rows):
-        out[task_of(r)].append(i)
-    return dict(out)
 
 
 @torch.no_grad()
@@ -838,8 +836,6 @@ class GrpoArgs(C.TrainArgs):
     max_group: int = arg(8, "v0: largest group")
     v0: str = arg(PRETRAINED, "V0 checkpoint (train one with `v0.py collect` + `v0.py train`)")
     history: int = arg(64, "v0: the policy's most recent (prompt, success rate) rows V0 reads as context")
-    explore: float = arg(0.0, "v0: share of the budget spent uniformly (G each on random candidates) so the history "
-                         "V0 reads is not only the prompts V0 chose")
     history_init: str = arg("auto", "v0: rows to start the history from: auto (the checkpoint's own "
                             "context.jsonl, collected from the base policy), a rows .jsonl (with prompt_dict.json "
                             "beside it), or none")
@@ -850,8 +846,7 @@ class GrpoArgs(C.TrainArgs):
 def initial_history(args: GrpoArgs) -> list[tuple[str, float]]:
     if args.alloc != "v0" or args.history_init == "none":
         return []
-    ck = Path(args.v0) if Path(args.v0).exists() else HERE / args.v0
-    path = ck / "context.jsonl" if args.history_init == "auto" else Path(args.history_init)
+    path = v0_folder(args.v0) / "context.jsonl" if args.history_init == "auto" else Path(args.history_init)
     if not path.exists():
         return []
     prompts = read_prompts(path.parent / "prompt_dict.json")
@@ -885,10 +880,7 @@ def grpo(args: GrpoArgs):
                 cand = stream.take(args.candidates * P)
                 p_hat = (predict(v0model, bb, [h[0] for h in history], [h[1] for h in history], [c.question for c in cand])
                          if history else np.full(len(cand), 0.5))  # no history yet: every prompt looks alike
-                n_explore = int(round(args.explore * P))  # the first candidates are a uniform sample: explore there
-                n = np.zeros(len(cand), dtype=int)
-                n[:n_explore] = G
-                n[n_explore:] = allocate_budget(p_hat[n_explore:], budget - n_explore * G, args.min_group, args.max_group)
+                n = allocate_budget(p_hat, budget, args.min_group, args.max_group)
                 keep = np.nonzero(n)[0]
                 probs, ns, p_hat = [cand[i] for i in keep], n[keep].tolist(), p_hat[keep]
             else:
