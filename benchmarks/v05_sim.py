@@ -1,0 +1,84 @@
+"""V0.5 in a Bernoulli world: baseline MSE against rollouts spent, no LM, a few seconds.
+
+Each prompt has a known success rate p ~ Uniform(0, 1) and a prior V = clip(p + N(0, sigma^2), 0, 1) of
+controlled error sigma; rewards are Bernoulli(p). The same `v05.adaptive_rollouts` that drives training
+decides how many rollouts each prompt gets. Compared, all against the true p (0/1 scale):
+  mean@G        GRPO's group mean with G = 4, 8, 16 rollouts
+  v05@4         V0.5's fused baseline with k = 4 fixed (k_max = 4: the fusion alone)
+  v05           V0.5 with the adaptive budget (k_init = 4, k_max = 16, c = 0.0039)
+  mean@spend    what a group mean would reach with the same average spend: E[p (1 - p)] / k_mean (exact)
+  corrupt       sigma-prior, but a share of prompts get the far end (1 if p < 0.5 else 0)
+
+    python benchmarks/v05_sim.py                      # the table below
+    python benchmarks/v05_sim.py --prompts 20000 --sigmas 0 0.05 0.1 0.2 0.3 --corrupt-frac 0.25
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import v05  # noqa: E402
+
+
+def bernoulli_draw(p, rng):
+    """A `draw` for v05.adaptive_rollouts: counts[i] fresh Bernoulli(p_i) rewards for each prompt."""
+    return lambda counts: [rng.random(c) < pi for pi, c in zip(p, counts)]
+
+
+def simulate(n: int = 20000, sigma: float = 0.1, corrupt_frac: float = 0.0, k_init: int = 4, k_max: int = 16,
+             cost: float = 0.0039, test: str = "z", seed: int = 0) -> dict:
+    """One Bernoulli world -> MSEs against the true p, rollouts spent, and where the extra rollouts went."""
+    rng = np.random.default_rng(seed)
+    p = rng.random(n)
+    prior = np.clip(p + rng.normal(0, sigma, n), 0, 1)
+    bad = rng.random(n) < corrupt_frac
+    prior = np.where(bad, (p < 0.5).astype(float), prior)
+    res = v05.adaptive_rollouts(bernoulli_draw(p, rng), prior, k_init, k_max, cost, test)
+    extra = res["k"] - k_init
+    out = {"sigma": sigma, "corrupt_frac": corrupt_frac, "k_mean": res["k"].mean(),
+           "mse": np.mean((res["mu"] - p) ** 2), "empirical_mse": np.mean((res["hits"] / res["k"] - p) ** 2),
+           "mean_at_spend_mse": np.mean(p * (1 - p)) / res["k"].mean(), "prior_mse": np.mean((prior - p) ** 2),
+           "reject_rate": res["reject_init"].mean(), "k_max_hit": np.mean(res["k"] >= k_max)}
+    if bad.any() and (~bad).any():
+        out.update(k_corrupt=res["k"][bad].mean(), k_clean=res["k"][~bad].mean(),
+                   extra_share_corrupt=extra[bad].sum() / max(extra.sum(), 1))
+    return out
+
+
+def group_mean_mse(n: int, G: int, seed: int = 0) -> float:
+    """GRPO's baseline: the mean of G Bernoulli(p) rewards, against p."""
+    rng = np.random.default_rng(seed)
+    p = rng.random(n)
+    return float(np.mean((rng.binomial(G, p) / G - p) ** 2))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=20000)
+    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3])
+    ap.add_argument("--corrupt-frac", type=float, default=0.25)
+    ap.add_argument("--test", default="z", choices=["z", "binomial"])
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    print(f"Bernoulli world: {a.prompts} prompts, p ~ U(0,1), MSE of the baseline against p (0/1 scale)\n")
+    print(f"{'baseline':<34}{'rollouts/prompt':>16}{'MSE':>10}")
+    for G in (4, 8, 16):
+        print(f"{'GRPO group mean, G=' + str(G):<34}{G:>16.2f}{group_mean_mse(a.prompts, G, a.seed):>10.4f}")
+    print(f"\n{'prior':<18}{'prior MSE':>10}{'v05@4 MSE':>10}{'v05 k':>8}{'v05 MSE':>10}{'mean@spend':>11}"
+          f"{'reject@4':>10}{'k=16':>7}")
+    for corrupt in (0.0, a.corrupt_frac):
+        for s in a.sigmas:
+            fixed = simulate(a.prompts, s, corrupt, k_max=4, test=a.test, seed=a.seed)
+            r = simulate(a.prompts, s, corrupt, test=a.test, seed=a.seed)
+            name = f"sigma={s:g}" + (f" +{corrupt:.0%} bad" if corrupt else "")
+            print(f"{name:<18}{r['prior_mse']:>10.4f}{fixed['mse']:>10.4f}{r['k_mean']:>8.2f}{r['mse']:>10.4f}"
+                  f"{r['mean_at_spend_mse']:>11.4f}{r['reject_rate']:>10.2f}{r['k_max_hit']:>7.2f}")
+            if corrupt:
+                print(f"{'':<18}  k on corrupted prompts {r['k_corrupt']:.2f}, on the rest {r['k_clean']:.2f}; "
+                      f"{r['extra_share_corrupt']:.0%} of the extra rollouts went to the {corrupt:.0%} corrupted")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""v05.py: the fusion weight and the test on hand-computed cases, the z-test equivalence, the budget rule, the
+bias of the fused baseline, the Bernoulli-world claims, and the script end to end."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from scipy import stats
+
+import v05
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import v05_sim  # noqa: E402
+
+EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")
+TINY = ["--steps", "2", "--prompts-per-step", "2", "--k-init", "2", "--k-max", "4", "--max-new-tokens", "12",
+        "--data", EASY, "--eval-problems", "2", "--warmup-prompts", "2", "--seed", "1"]
+
+
+# ---------------------------------------------------------------- the weight and the test by hand
+
+
+def test_shrinkage_hand_computed():
+    # +-1 scale, k = 4, s2/k = 0.25. v_k = 0.5, V = -0.5: (v - V)^2 = 1, D2 = 0.75, w = 0.75 / 1.0
+    w, D2 = v05.shrinkage(0.5, -0.5, 4)
+    assert D2 == pytest.approx(0.75) and w == pytest.approx(0.75)
+    # v_k = 0.5, V = 0.2: (0.3)^2 = 0.09 <= 0.25 -> H0 kept, D2 = 0, w = 0: the baseline is the prior
+    w, D2 = v05.shrinkage(0.5, 0.2, 4)
+    assert D2 == 0 and w == 0
+    # fuse works on 0/1 counts: 3 of 4 (v_k = 0.5) against p = 0.25 (V = -0.5): mu = 0.75*0.5 + 0.25*(-0.5) = 0.25
+    mu, w, D2, reject = v05.fuse([3], [4], [0.25])
+    assert mu[0] == pytest.approx((0.25 + 1) / 2) and w[0] == pytest.approx(0.75) and reject[0]
+    mu, w, D2, reject = v05.fuse([2], [4], [0.4])  # v_k = 0, V = -0.2: kept, mu = V = p
+    assert mu[0] == pytest.approx(0.4) and not reject[0]
+
+
+def test_positive_part_is_the_two_sided_z_test_at_alpha_2_one_minus_phi_1():
+    assert v05.ALPHA == pytest.approx(0.3173, abs=1e-4)
+    k = np.repeat(np.arange(1, 17), 17 * 21)
+    hits = np.tile(np.repeat(np.arange(17), 21), 16).astype(float)
+    V = np.tile(np.linspace(-1, 1, 21), 16 * 17)
+    ok = hits <= k
+    v = 2 * hits[ok] / k[ok] - 1  # every attainable v_k on a grid of priors, boundary cases |z| = 1 included
+    w, D2 = v05.shrinkage(v, V[ok], k[ok])
+    z = (v - V[ok]) / np.sqrt(1.0 / k[ok])
+    p_scipy = 2 * stats.norm.sf(np.abs(z))
+    assert np.array_equal(D2 > 0, p_scipy < v05.ALPHA)
+    assert np.array_equal(D2 > 0, v05.z_test_rejects(v, V[ok], k[ok]))
+    rng = np.random.default_rng(0)
+    v, V, kk = rng.uniform(-1, 1, 5000), rng.uniform(-1, 1, 5000), rng.integers(1, 33, 5000)
+    assert np.array_equal(v05.shrinkage(v, V, kk)[1] > 0, v05.z_test_rejects(v, V, kk))
+
+
+def test_zero_one_and_plus_minus_one_scales_give_the_same_decisions():
+    rng = np.random.default_rng(1)
+    k = rng.integers(1, 17, 3000)
+    v01, p01 = rng.binomial(k, 0.5) / k, rng.random(3000)
+    w_pm, D2_pm = v05.shrinkage(2 * v01 - 1, 2 * p01 - 1, k, s2=1.0)
+    w_01, D2_01 = v05.shrinkage(v01, p01, k, s2=0.25)
+    np.testing.assert_allclose(w_01, w_pm, atol=1e-12)
+    np.testing.assert_allclose(D2_01, D2_pm / 4, atol=1e-12)
+    assert np.array_equal(v05.z_test_rejects(v01, p01, k, s2=0.25), v05.z_test_rejects(2 * v01 - 1, 2 * p01 - 1, k))
+    # the budget's c is stated on the +-1 scale; on 0/1 it is c/4
+    assert np.array_equal(v05.wants_more(D2_01, k, 0.0039 / 4, s2=0.25), v05.wants_more(D2_pm, k, 0.0039))
+    mu01 = w_01 * v01 + (1 - w_01) * p01
+    np.testing.assert_allclose(v05.fuse(v01 * k, k, p01)[0], mu01, atol=1e-12)
+
+
+def test_binomial_test_matches_scipy_and_gates_the_fusion():
+    assert v05.binomial_rejects([4], [4], [0.2])[0]  # P(4 of 4 | 0.2) = 0.0016
+    assert not v05.binomial_rejects([1], [4], [0.25])[0]
+    hits, k, p = [0, 1, 2, 3, 4, 7], [4, 4, 4, 4, 4, 8], [0.1, 0.5, 0.5, 0.2, 0.9, 0.3]
+    want = [stats.binomtest(h, n, q).pvalue < v05.ALPHA for h, n, q in zip(hits, k, p)]
+    assert list(v05.binomial_rejects(hits, k, p)) == want
+    mu, w, D2, reject = v05.fuse(hits, k, p, test="binomial")
+    assert np.array_equal(reject, want)
+    np.testing.assert_allclose(mu[~reject], np.array(p)[~reject])  # kept: the baseline is the prior
+    assert (w[reject] > 0).all()
+    with pytest.raises(ValueError, match="test"):
+        v05.fuse(hits, k, p, test="t")
+
+
+# ---------------------------------------------------------------- the budget
+
+
+def fixed_draw(rate):
+    """Deterministic rewards: prompt i returns 1 for a share rate[i] of its rollouts, in a fixed pattern."""
+    seen = np.zeros(len(rate))
+
+    def draw(counts):
+        out = []
+        for i, c in enumerate(counts):
+            out.append([float(int((seen[i] + j + 1) * rate[i]) > int((seen[i] + j) * rate[i])) for j in range(c)])
+            seen[i] += c
+        return out
+    return draw
+
+
+def test_budget_stops_at_k_init_when_the_prior_agrees_and_grows_when_it_does_not():
+    # prompt 0: half right, prior 0.5 -> v_k = V, H0 kept, stop at 4. prompt 1: always right, prior 0 -> k_max.
+    # prompt 2: 1 in 4 right, prior 0.75 -> rejected at 4 (z = -2), grows.
+    res = v05.adaptive_rollouts(fixed_draw([0.5, 1.0, 0.25]), [0.5, 0.0, 0.75], k_init=4, k_max=16)
+    assert res["k"][0] == 4 and res["k"][1] == 16 and res["k"][2] > 4
+    assert list(res["reject_init"]) == [False, True, True]
+    assert res["mu"][0] == pytest.approx(0.5)
+    assert res["mu"][1] > 0.95  # w -> 1: the baseline follows the rollouts, not the wrong prior
+    # the look-ahead by hand: D2 = 0 -> no gain; a large D2 at k = 4 gains ~ 1/4 - 1/5 > c
+    assert not v05.wants_more(0.0, 4)[()] and v05.wants_more(3.75, 4)[()]
+    assert not v05.wants_more(3.75, 16)[()]  # k_max
+    # where the gain s2 D2 / ((k D2 + 1)((k+1) D2 + 1)) < c it stops below k_max
+    assert not v05.wants_more(0.02, 4)[()]
+    with pytest.raises(ValueError, match="k_init"):
+        v05.adaptive_rollouts(fixed_draw([0.5]), [0.5], k_init=0)
+
+
+def test_bias_of_the_fused_baseline_shrinks_with_k():
+    """mu uses w estimated from the same rollouts, so E[mu] != p (the paper: O(1/sqrt(k))). p = 0.3, a prior
+    wrong by 0.2: the bias must fall as k grows. 200k draws per k: SE of each mean < 0.001."""
+    rng = np.random.default_rng(0)
+    p, V, n = 0.3, 0.5, 200_000
+    bias = []
+    for k in (4, 8, 16, 64):
+        hits = rng.binomial(k, p, n)
+        bias.append(v05.fuse(hits, np.full(n, k), np.full(n, V))[0].mean() - p)
+    assert all(b > 0 for b in bias), bias  # pulled towards the prior
+    assert all(a > b + 0.005 for a, b in zip(bias, bias[1:])), bias
+    assert bias[-1] < bias[0] / 3, bias
+
+
+def test_advantages():
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])
+    g = torch.tensor([0, 0, 0, 1, 1])
+    mu = torch.tensor([0.5, 0.9])
+    torch.testing.assert_close(v05.v05_advantages(r, g, mu), torch.tensor([0.5, -0.5, 0.5, 0.1, 0.1]))
+    a = v05.v05_advantages(r, g, mu, scale_std=True)
+    torch.testing.assert_close(a, torch.tensor([1.0, -1.0, 1.0, 0.1 / 0.3, 0.1 / 0.3]))
+    # an all-correct group still gets a signal when the baseline is below 1 (GRPO's would be 0)
+    assert (v05.v05_advantages(torch.ones(3), torch.zeros(3, dtype=torch.long), torch.tensor([0.99]), True) > 0).all()
+
+
+# ---------------------------------------------------------------- the Bernoulli world (benchmarks/v05_sim.py)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.05, 0.1, 0.2])
+def test_fusion_at_k4_beats_the_4_rollout_mean_with_a_decent_prior(sigma):
+    fixed = v05_sim.simulate(4000, sigma, k_max=4, seed=0)
+    mean4 = v05_sim.group_mean_mse(4000, 4, seed=0)
+    assert fixed["k_mean"] == 4
+    assert fixed["mse"] < 0.75 * mean4, (fixed["mse"], mean4)  # measured: 0.011-0.027 vs 0.042
+
+
+def test_corrupt_prior_gets_the_extra_rollouts_and_mse_stays_near_the_empirical_mean():
+    r = v05_sim.simulate(4000, 0.1, corrupt_frac=0.25, seed=0)
+    assert r["k_corrupt"] > 12 and r["k_clean"] < 5.5, r  # measured: 14.5 vs 4.8
+    assert r["extra_share_corrupt"] > 0.7, r  # 25% of the prompts get > 70% of the extra rollouts (measured 0.82)
+    assert r["mse"] < 1.1 * r["mean_at_spend_mse"], r  # measured 0.018 vs 0.023
+
+
+def test_adaptive_budget_spends_little_when_the_prior_is_good():
+    r = v05_sim.simulate(4000, 0.05, seed=0)
+    assert r["k_mean"] < 5 and r["mse"] < v05_sim.group_mean_mse(4000, 16, seed=0)  # 4.5 rollouts beat 16
+
+
+# ---------------------------------------------------------------- the script
+
+
+def run(*args, check=True):
+    p = subprocess.run([sys.executable, str(ROOT / "v05.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(p.stderr[-3000:])
+    return p
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_no_matching_v0_says_how_to_make_one():
+    with pytest.raises(SystemExit, match="v0.py collect"):
+        v05.v0_checkpoint(v05.Args(model="Qwen3-4B"))
+    assert v05.v0_checkpoint(v05.Args()) == v05.V0.PRETRAINED
+    assert v05.v0_checkpoint(v05.Args(model="Qwen3-4B", v0="runs/mine")) == "runs/mine"
+
+
+def test_ablation_priors_need_the_oracle(tmp_path):
+    p = run("--prior", "corrupt", "--out", str(tmp_path), check=False)
+    assert p.returncode != 0 and "--oracle-k" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def v05_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("v05")
+    run(*TINY, "--oracle-k", "2", "--save-every", "1", "--out", str(out))
+    return out
+
+
+def test_two_steps_log_the_v05_metrics(v05_run):
+    r = rows(v05_run)
+    assert [x["step"] for x in r] == [0, 1, 2]
+    assert r[0]["rollouts"] == 4  # the warm-up: 2 prompts x k_init
+    for x in r[1:]:
+        for key in ("k_mean", "k_max_hit", "test_reject_rate", "w_mean", "prior_mse", "fused_mse", "empirical_mse",
+                    "baseline_mse", "rollouts", "acc", "grad_norm"):
+            assert x[key] is not None, key
+        assert 2 <= x["k_mean"] <= 4 and x["rollouts"] == round(2 * x["k_mean"])
+
+
+def test_resume_continues_exactly(v05_run, tmp_path):
+    """1 step + --resume to 2 = 2 steps in one go: weights, optimizer, data cursor and V0's history come back."""
+    run(*TINY[:1], "1", *TINY[2:], "--oracle-k", "2", "--out", str(tmp_path))
+    run(*TINY, "--oracle-k", "2", "--resume", "--out", str(tmp_path))
+    a, b = rows(v05_run), rows(tmp_path)
+    assert [x["step"] for x in b] == [0, 1, 2]
+    volatile = {"time_gen", "time_train", "time_step", "time_prior", "peak_mem_gb", "eval_acc"}
+    keys = lambda x: {k: v for k, v in x.items() if k not in volatile}  # noqa: E731
+    assert [keys(x) for x in a] == [keys(x) for x in b]
+    wa, wb = (load_file(o / "ckpt" / "policy" / "model.safetensors") for o in (v05_run, tmp_path))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_corrupt_prior_runs_and_reports_where_it_spent(tmp_path):
+    run(*TINY[:1], "1", *TINY[2:], "--prior", "corrupt", "--corrupt-frac", "0.5", "--oracle-k", "2",
+        "--test", "binomial", "--out", str(tmp_path))
+    x = rows(tmp_path)[-1]
+    assert x["prior_mse"] is not None and x["k_mean"] >= 2

@@ -1,0 +1,331 @@
+"""V0.5: the V0 prior fused with sparse rollouts, a real-time hypothesis test and an adaptive rollout budget.
+
+Paper
+  V_{0.5}: Generalist Value Model as a Prior for Sparse RL Rollouts, arXiv 2603.10848 (no official code found)
+
+What the method is
+  GRPO needs a group of G ~ 16 rollouts per prompt for its group-mean baseline to be accurate. V0 (v0.py)
+  predicts a prompt's success rate before any rollout, from the policy's own recent history in context. V0.5
+  starts from k_init = 4 rollouts, treats V0's prediction V as a prior, and fuses it with the sparse
+  empirical mean v_k. On the +-1 reward scale, with s2 = 1 (the worst-case variance of a +-1 reward):
+      D2 = max(0, (v_k - V)^2 - s2/k)              squared prior bias, estimated         -> shrinkage
+      w  = D2 / (D2 + s2/k)                         trust in the rollouts                 -> shrinkage
+      mu = w * v_k + (1 - w) * V                    the baseline                          -> fuse
+  The positive part is a hypothesis test: H0 "the prior is right" is kept when (v_k - V)^2 <= s2/k, i.e.
+  |z| <= 1 with z = (v_k - V) / sqrt(s2/k); then mu = V exactly. That is a two-sided z-test at level
+  alpha = 2 (1 - Phi(1)) ~ 0.317                                                          -> z_test_rejects
+  Budget: the estimated risk of stopping at k is
+      MSE(k) = D2 (s2/k) / (D2 + s2/k)                                                    -> risk
+  and a prompt gets one more rollout while MSE(k) - MSE(k+1) > c (c = 0.0039 ~ 1/16^2), up to k_max = 16
+  -> wants_more, adaptive_rollouts. Where the prior agrees (H0 kept, D2 = 0) the risk is 0 and the prompt
+  stops at k_init; where it is wrong, rollouts are bought until the empirical mean carries the baseline.
+  Advantage: A_i = r_i - mu, broadcast over the tokens of rollout i, into the clipped surrogate.
+
+Equation -> function
+  D2, w ........................... shrinkage          (any reward scale, given its s2)
+  the test ........................ z_test_rejects (scipy, the paper's rule), binomial_rejects (--test binomial)
+  mu on 0/1 counts ................ fuse
+  MSE(k), look-ahead .............. risk, wants_more
+  sequential budget, batched ...... adaptive_rollouts (also drives benchmarks/v05_sim.py)
+  A_i ............................. v05_advantages
+  the prior ....................... prior_from_v0 (v0.predict), noisy_oracle_prior, corrupt_prior
+
+Choices that are ours, not the paper's
+  - Rewards stay 0/1 in the trainer; fuse converts to the paper's +-1 scale (v = 2 v01 - 1, s2 = 1) and back.
+    The fusion is scale-equivariant (0/1 with s2 = 1/4 gives the same w and decisions; tests check this);
+    only the budget's c is tied to the +-1 scale, as in the paper.
+  - Batching: every round, each prompt whose look-ahead still pays gets exactly one more rollout, and all of
+    them are sampled in one generate call; the paper's rule is per prompt, one at a time, so the decisions are
+    the same.
+  - --test binomial: scipy.stats.binomtest of H0: p = V on the 0/1 counts, at --alpha (default the z-rule's
+    level). When it rejects, the squared bias is the plug-in (v_k - V)^2 (no variance correction, which could
+    make it 0 although the test rejected); when it keeps H0, D2 = 0 as in the paper.
+  - --scale-std divides by the Bernoulli std of the baseline, sqrt(mu (1 - mu)), floored at 0.1: a group
+    whose rewards are all equal still has a nonzero advantage here, so the group's own std cannot be used.
+  - The history: a FIFO of this run's (prompt, empirical success rate v_k) rows, --history long, seeded by a
+    warm-up step of --warmup-prompts prompts x k_init rollouts (counted in the rollouts spent, logged as
+    step 0). V0 is the pretrained model from v0.py, never updated here. With --warmup-prompts 0 the first
+    step has no history and every prompt gets --prior-constant.
+  - Ablation priors: oracle = Monte-Carlo p from --oracle-k extra rollouts + N(0, --prior-noise), clipped;
+    constant = --prior-constant for every prompt; corrupt = the noisy oracle, but on a --corrupt-frac share
+    of prompts the far end (1 if p < 0.5 else 0), which the test must catch.
+  - test_reject_rate is measured at k_init (the decision that buys extra rollouts).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats
+
+import common as C
+import v0 as V0  # the one allowed cross-import: V0.5 is V0 plus fusion
+from common import arg
+
+ALPHA = float(2 * stats.norm.sf(1.0))  # 2 (1 - Phi(1)) ~ 0.3173: the level of the paper's |z| <= 1 rule
+
+
+@dataclass
+class Args(C.TrainArgs):
+    """V0.5: GRPO-style training where the baseline fuses V0's prior with k >= k_init rollouts per prompt."""
+    k_init: int = arg(4, "rollouts every prompt gets before the test")
+    k_max: int = arg(16, "rollouts a prompt can get at most")
+    cost: float = arg(0.0039, "c: buy one more rollout while the predicted MSE drop exceeds c (+-1 reward scale)")
+    test: str = arg("z", "z: the paper's positive-part rule (two-sided z-test, alpha = 2(1 - Phi(1))); binomial: "
+                    "exact scipy.stats.binomtest against V", choices=["z", "binomial"])
+    alpha: float = arg(ALPHA, "level of --test binomial")
+    scale_std: bool = arg(False, "divide A by sqrt(mu (1 - mu)) (floored at 0.1)")
+    prior: str = arg("v0", "v0: the V0 model; oracle: Monte-Carlo p + noise; constant; corrupt: oracle, but far "
+                     "off on --corrupt-frac of prompts", choices=["v0", "oracle", "constant", "corrupt"])
+    v0: str = arg("auto", "V0 checkpoint (auto: the shipped one when it was trained for --model)")
+    history: int = arg(64, "the policy's most recent (prompt, success rate) rows V0 reads as context")
+    warmup_prompts: int = arg(16, "prompts rolled out k_init times before step 1 to seed the history")
+    prior_noise: float = arg(0.1, "oracle/corrupt: std of the Gaussian noise added to the Monte-Carlo p")
+    prior_constant: float = arg(0.5, "constant: the prior every prompt gets")
+    corrupt_frac: float = arg(0.25, "corrupt: share of prompts whose prior is set to the far end")
+
+
+# ------------------------------------------------------------------------------------------------
+# The method's own math (numpy; any reward scale unless said)
+# ------------------------------------------------------------------------------------------------
+
+
+def shrinkage(v_k, V, k, s2: float = 1.0):
+    """D2 = max(0, (v_k - V)^2 - s2/k),  w = D2 / (D2 + s2/k).  Arrays broadcast -> (w, D2).
+    s2 = 1 for +-1 rewards, 1/4 for 0/1 rewards (the worst-case Bernoulli variance)."""
+    v_k, V, se2 = np.asarray(v_k, float), np.asarray(V, float), s2 / np.asarray(k, float)
+    D2 = np.maximum(0.0, (v_k - V) ** 2 - se2)
+    return D2 / (D2 + se2), D2
+
+
+def z_test_rejects(v_k, V, k, s2: float = 1.0, alpha: float = ALPHA):
+    """Two-sided z-test of H0: E[r] = V with known variance s2:  z = (v_k - V) / sqrt(s2/k),
+    reject when 2 (1 - Phi(|z|)) < alpha. At alpha = 2(1 - Phi(1)) this is exactly D2 > 0 in `shrinkage`."""
+    z = (np.asarray(v_k, float) - np.asarray(V, float)) / np.sqrt(s2 / np.asarray(k, float))
+    return 2 * stats.norm.sf(np.abs(z)) < alpha
+
+
+def binomial_rejects(hits, k, p0, alpha: float = ALPHA):
+    """Exact two-sided binomial test of H0: success rate = p0 (0/1 counts) -> [N] bool."""
+    hits, k, p0 = np.broadcast_arrays(np.asarray(hits), np.asarray(k), np.asarray(p0, float))
+    return np.array([stats.binomtest(int(round(h)), int(n), float(np.clip(p, 0, 1))).pvalue < alpha
+                     for h, n, p in zip(hits.ravel(), k.ravel(), p0.ravel())]).reshape(hits.shape)
+
+
+def fuse(hits, k, prior, test: str = "z", alpha: float = ALPHA):
+    """The fused baseline from 0/1 counts. hits, k, prior (0/1 scale, V0's p): [N].
+    Computed on the paper's +-1 scale: v_k = 2 hits/k - 1, V = 2 p - 1, s2 = 1.
+    -> (mu [N] on the 0/1 scale, w [N], D2 [N] on the +-1 scale, reject [N] bool)"""
+    hits, k, prior = np.asarray(hits, float), np.asarray(k, float), np.asarray(prior, float)
+    v, V = 2 * hits / k - 1, 2 * prior - 1
+    if test == "z":
+        w, D2 = shrinkage(v, V, k)
+        reject = D2 > 0  # the positive part: H0 rejected (see z_test_rejects)
+    elif test == "binomial":
+        reject = binomial_rejects(hits, k, prior, alpha)
+        D2 = np.where(reject, (v - V) ** 2, 0.0)  # ours: the plug-in bias once the test has rejected
+        w = D2 / (D2 + 1.0 / k)
+    else:
+        raise ValueError(f"test must be 'z' or 'binomial', got {test!r}")
+    mu = w * v + (1 - w) * V
+    return (mu + 1) / 2, w, D2, reject
+
+
+def risk(D2, k, s2: float = 1.0):
+    """Estimated MSE of mu after k rollouts:  MSE(k) = D2 (s2/k) / (D2 + s2/k)  (0 when H0 is kept)."""
+    se2 = s2 / np.asarray(k, float)
+    return np.asarray(D2, float) * se2 / (np.asarray(D2, float) + se2)
+
+
+def wants_more(D2, k, cost: float = 0.0039, k_max: int = 16, s2: float = 1.0):
+    """One-step look-ahead: another rollout pays when MSE(k) - MSE(k+1) > c, and k < k_max. -> [N] bool"""
+    k = np.asarray(k)
+    return (k < k_max) & (risk(D2, k, s2) - risk(D2, k + 1, s2) > cost)
+
+
+def adaptive_rollouts(draw, prior, k_init: int = 4, k_max: int = 16, cost: float = 0.0039, test: str = "z",
+                      alpha: float = ALPHA) -> dict:
+    """V0.5's sequential budget, batched across prompts: k_init rollouts each, then one more for every prompt
+    whose look-ahead still pays, round after round, until none does.
+    draw(counts [N] int) -> N sequences of 0/1 rewards (counts[i] fresh rollouts of prompt i; 0: none);
+    prior [N] in [0, 1].
+    -> dict(hits, k, mu, w, D2 [N], reject_init [N] (the test at k_init), reject [N] (the last test), rounds)"""
+    prior = np.asarray(prior, float)
+    if not 1 <= k_init <= k_max:
+        raise ValueError(f"need 1 <= k_init <= k_max, got k_init={k_init}, k_max={k_max}")
+    hits, k = np.zeros(len(prior)), np.zeros(len(prior), dtype=int)
+    counts, reject_init, rounds = np.full(len(prior), k_init), None, 0
+    while counts.any():
+        for i, r in enumerate(draw(counts)):
+            hits[i], k[i] = hits[i] + float(np.sum(r)), k[i] + len(r)
+        mu, w, D2, reject = fuse(hits, k, prior, test, alpha)
+        reject_init = reject if reject_init is None else reject_init
+        counts, rounds = wants_more(D2, k, cost, k_max).astype(int), rounds + 1
+    return dict(hits=hits, k=k, mu=mu, w=w, D2=D2, reject_init=reject_init, reject=reject, rounds=rounds)
+
+
+def v05_advantages(rewards: torch.Tensor, group: torch.Tensor, mu: torch.Tensor, scale_std: bool = False,
+                   std_floor: float = 0.1) -> torch.Tensor:
+    """A_i = r_i - mu_g(i)   (--scale-std: / max(sqrt(mu (1 - mu)), floor), ours).
+    rewards [B] 0/1, group [B] prompt index of each rollout, mu [N] fused baselines -> [B]"""
+    adv = rewards - mu[group]
+    if scale_std:
+        adv = adv / (mu * (1 - mu)).sqrt().clamp(min=std_floor)[group]
+    return adv
+
+
+# ------------------------------------------------------------------------------------------------
+# The prior
+# ------------------------------------------------------------------------------------------------
+
+
+def v0_checkpoint(args: Args) -> str:
+    """--v0 auto: the shipped V0 when its collected rows name --model; otherwise say how to make one."""
+    if args.v0 != "auto":
+        return args.v0
+    folder = V0.v0_folder(V0.PRETRAINED)
+    trained_for = {r["model"].split("@")[0] for r in V0.read_rows(folder / "context.jsonl")}
+    if args.model not in trained_for:
+        raise SystemExit(
+            f"--model {args.model}: no V0 was trained for this policy (the shipped {V0.PRETRAINED} was trained for "
+            f"{', '.join(sorted(trained_for))}). Make one, then pass --v0:\n"
+            f"  python v0.py collect --model {args.model} --data {args.data} --out data/v0_mine/context.jsonl\n"
+            f"  python v0.py train --data data/v0_mine --out runs/v0_mine\n"
+            f"  python v05.py --model {args.model} --v0 runs/v0_mine\n"
+            "or run without V0: --prior constant (a fixed prior; the test then decides everything).")
+    return V0.PRETRAINED
+
+
+def prior_from_v0(model, bb, history: list[tuple[str, float]], questions: list[str]) -> np.ndarray:
+    """V0's p(x) for each question, in context of the policy's history [(question, success rate)]. -> [N]"""
+    return V0.predict(model, bb, [h[0] for h in history], [h[1] for h in history], questions)
+
+
+def noisy_oracle_prior(p_oracle, noise: float, rng) -> np.ndarray:
+    """oracle: V = clip(p + N(0, noise^2), 0, 1)."""
+    return np.clip(np.asarray(p_oracle) + rng.normal(0.0, noise, len(p_oracle)), 0.0, 1.0)
+
+
+def corrupt_prior(p_oracle, prior, frac: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """corrupt: on a random frac of prompts, V = 1 if p < 0.5 else 0 (wrong by at least 0.5). -> (V, corrupted)"""
+    bad = rng.random(len(prior)) < frac
+    return np.where(bad, (np.asarray(p_oracle) < 0.5).astype(float), prior), bad
+
+
+# ------------------------------------------------------------------------------------------------
+# Training loop
+# ------------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    if args.prior in ("oracle", "corrupt") and args.oracle_k <= 0:
+        raise SystemExit(f"--prior {args.prior} needs the Monte-Carlo success rate: pass --oracle-k > 0 (e.g. 16)")
+    dev, dtype = C.pick_device(args.device, args.dtype)
+    C.seed_everything(args.seed)
+    v0model, bb = V0.load_v0(v0_checkpoint(args)) if args.prior == "v0" else (None, None)
+    policy, tok, path = C.load_model(args.model, dev, dtype)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
+    stream = C.ProblemStream(train_set, args.seed)
+    history, start = [], 0  # history: [(question, empirical success rate)], newest last
+    if args.resume:
+        state = C.load_checkpoint(args.out, {"policy": (policy, optimizer)})
+        start, stream.cursor, history = state["step"], state["extra"]["cursor"], state["extra"]["history"]
+    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+    logger = C.RunLogger(args.out, resume_step=start)
+
+    def rollouts_for(probs, seed):
+        """A `draw` for adaptive_rollouts that also keeps every Rollout and reward: kept[i], rew[i] are prompt i's."""
+        texts, kept, rew, calls = [C.build_prompt(tok, p) for p in probs], [[] for _ in probs], [[] for _ in probs], [0]
+
+        def draw(counts):
+            idx = np.nonzero(counts)[0]
+            roll = sampler.generate([texts[i] for i in idx], counts[idx].tolist(), args.max_new_tokens,
+                                    args.temperature, seed=seed + 7_001 * calls[0])
+            calls[0] += 1
+            correct, na = C.score([r.text for r in roll], [probs[idx[r.prompt_idx]].answer for r in roll])
+            draw.no_answer += na
+            out = [[] for _ in probs]
+            for r, c in zip(roll, correct):
+                out[idx[r.prompt_idx]].append(c)
+                kept[idx[r.prompt_idx]].append(r)
+                rew[idx[r.prompt_idx]].append(c)
+            return out
+        draw.no_answer = 0
+        return draw, kept, rew
+
+    if start == 0:  # warm-up: k_init rollouts on fresh prompts, only to seed V0's history
+        warm = stream.take(args.warmup_prompts) if args.prior == "v0" else []
+        metrics = {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed) if eval_set else None}
+        if warm:
+            draw, _, _ = rollouts_for(warm, seed=args.seed * 1_000_003)
+            rates = np.array([np.mean(r) for r in draw(np.full(len(warm), args.k_init))])
+            history = [(p.question, float(r)) for p, r in zip(warm, rates)][-args.history:]
+            metrics.update(rollouts=len(warm) * args.k_init, acc=float(rates.mean()))
+        logger.log(0, metrics)
+
+    for step in C.tqdm(range(start + 1, args.steps + 1), desc="v05", initial=start, total=args.steps):
+        timer, t0, metrics = C.Timer(), time.perf_counter(), {}
+        probs = stream.take(args.prompts_per_step)
+        seed, rng = args.seed * 1_000_003 + step * 101, np.random.default_rng([args.seed, step])
+        # 1. the prior V (and, for diagnostics or the ablation priors, a Monte-Carlo p from rollouts kept out)
+        p_oracle = (C.success_rates(sampler, tok, probs, args.oracle_k, args.max_new_tokens, args.temperature,
+                                    seed=args.seed * 7_919 + step) if args.oracle_k > 0 else None)
+        corrupted = None
+        with timer("time_prior"):
+            if args.prior == "v0" and history:
+                prior = prior_from_v0(v0model, bb, history, [p.question for p in probs])
+            elif args.prior in ("v0", "constant"):  # v0 with no history yet (--warmup-prompts 0): all look alike
+                prior = np.full(len(probs), args.prior_constant)
+            else:
+                prior = noisy_oracle_prior(p_oracle, args.prior_noise, rng)
+                if args.prior == "corrupt":
+                    prior, corrupted = corrupt_prior(p_oracle, prior, args.corrupt_frac, rng)
+
+        # 2. k_init rollouts each, the test, and one more rollout at a time where the prior looks wrong
+        with timer("time_gen"):
+            draw, kept, rew = rollouts_for(probs, seed)
+            res = adaptive_rollouts(draw, prior, args.k_init, args.k_max, args.cost, args.test, args.alpha)
+        rates, k = res["hits"] / res["k"], res["k"]
+        history = (history + [(p.question, float(r)) for p, r in zip(probs, rates)])[-args.history:]
+
+        # 3. A_i = r_i - mu, broadcast over tokens
+        roll = [r for group in kept for r in group]
+        rewards = torch.tensor([c for g in rew for c in g])  # [B], in the order of roll
+        gidx = torch.repeat_interleave(torch.arange(len(probs)), torch.tensor(k))
+        adv = v05_advantages(rewards, gidx, torch.tensor(res["mu"], dtype=torch.float32), args.scale_std)
+        flat = [float(min(g) == max(g)) for g in np.split(rewards.numpy(), np.cumsum(k)[:-1])]
+        metrics.update(reward=rewards.mean().item(), acc=rewards.mean().item(), adv_std=adv.std().item(),
+                       frac_reward_zero_std=float(np.mean(flat)), rollouts=len(roll), no_answer=draw.no_answer,
+                       tokens=sum(len(r.ids) for r in roll), k_mean=float(k.mean()),
+                       k_max_hit=float(np.mean(k >= args.k_max)), test_reject_rate=float(res["reject_init"].mean()),
+                       w_mean=float(res["w"].mean()), rounds=res["rounds"], prior_mean=float(prior.mean()))
+        if p_oracle is not None:
+            metrics.update(prior_mse=float(np.mean((prior - p_oracle) ** 2)),
+                           fused_mse=float(np.mean((res["mu"] - p_oracle) ** 2)),
+                           empirical_mse=float(np.mean((rates - p_oracle) ** 2)),
+                           oracle_var=float(np.mean(p_oracle * (1 - p_oracle) / max(args.oracle_k - 1, 1))))
+            metrics["baseline_mse"] = metrics["fused_mse"]
+        if corrupted is not None and corrupted.any() and (~corrupted).any():
+            metrics.update(corrupt_k_mean=float(k[corrupted].mean()), clean_k_mean=float(k[~corrupted].mean()),
+                           corrupt_reject_rate=float(res["reject_init"][corrupted].mean()))
+        with timer("time_train"):
+            batch = C.collate(roll, tok.pad_token_id, dev)
+            adv_tok = adv[:, None].to(dev) * batch["response_mask"]  # [B, L]
+            metrics.update(C.policy_update(policy, optimizer, batch, adv_tok, args))
+            sampler.sync_weights(policy)
+
+        # 4. log, evaluate, checkpoint
+        if step == args.steps or (args.eval_every and step % args.eval_every == 0):
+            metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+        metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
+        logger.log(step, metrics)
+        if step == args.steps or (args.save_every and step % args.save_every == 0):
+            C.save_checkpoint(args.out, step, {"policy": (policy, optimizer)}, {"cursor": stream.cursor, "history": history})
+    return logger.path
+
+
+if __name__ == "__main__":
+    main(C.parse_args(Args))
