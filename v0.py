@@ -179,11 +179,11 @@ class Backbone:
     Qwen/Qwen3-Embedding-0.6B), or a causal LM understood by common.load_model (then `layer` picks the
     hidden layer; default: the middle one)."""
 
-    def __init__(self, name: str = "minilm", layer: int = -1, max_tokens: int = 512, device="cpu", batch_size=32):
+    def __init__(self, name: str = "minilm", layer: int = -1, max_tokens: int = 512, device="cpu"):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-        self.name, self.max_tokens, self.device, self.batch_size = name, max_tokens, device, batch_size
+        self.name, self.max_tokens, self.device = name, max_tokens, device
         if name == "minilm" or "minilm" in name.lower() or "embedding" in name.lower() or Path(name, "modules.json").exists():
             path = str(minilm_folder()) if name == "minilm" else name
             try:
@@ -197,7 +197,6 @@ class Backbone:
             self.model.eval()
             n_layers = self.model.config.num_hidden_layers
             self.layer, self.pool = (n_layers // 2 if layer < 0 else layer), "last"
-        self.tok.padding_side = "right"
         self.dim = self.model.config.hidden_size
         self.slug = "".join(c if c.isalnum() else "-" for c in f"{name}-L{self.layer}-{max_tokens}")
         self.cache, self.loaded = {}, set()
@@ -215,17 +214,16 @@ class Backbone:
     @torch.no_grad()
     def encode(self, texts: list[str], desc: str | None = None) -> list[torch.Tensor]:
         """texts -> list of H [T_i, d] (fp16, CPU). Computed once per text, then read from the cache (memory;
-        on disk too after use_disk_cache)."""
+        on disk too after use_disk_cache). One text per forward pass, so a text's states never depend on what
+        else was encoded with it (padding changes the matmul shapes and, after fp16 rounding, the last digits):
+        a resumed run predicts exactly what an uninterrupted one did."""
         keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
-        todo = sorted({k: t for k, t in zip(keys, texts) if k not in self.cache}.items(), key=lambda kt: len(kt[1]))
-        for i in C.tqdm(range(0, len(todo), self.batch_size), desc=desc or "encode prompts", disable=len(todo) < 256, leave=False):
-            chunk = todo[i:i + self.batch_size]
-            enc = self.tok([t for _, t in chunk], padding=True, truncation=True, max_length=self.max_tokens,
-                           return_tensors="pt").to(self.device)
+        todo = {k: t for k, t in zip(keys, texts) if k not in self.cache}
+        for k, t in C.tqdm(todo.items(), desc=desc or "encode prompts", disable=len(todo) < 256, leave=False):
+            enc = self.tok([t], truncation=True, max_length=self.max_tokens, return_tensors="pt").to(self.device)
             out = self.model(**enc, output_hidden_states=self.layer is not None)
-            H = out.hidden_states[self.layer] if self.layer is not None else out.last_hidden_state
-            for (k, _), h, m in zip(chunk, H, enc["attention_mask"].bool()):
-                self.cache[k] = h[m].to("cpu", torch.float16).clone()
+            H = out.hidden_states[self.layer] if self.layer is not None else out.last_hidden_state  # [1, T, d]
+            self.cache[k] = H[0].to("cpu", torch.float16).clone()
         if todo and getattr(self, "cache_path", None):
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(self.cache, self.cache_path.with_suffix(".tmp"))

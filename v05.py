@@ -49,7 +49,8 @@ Choices that are ours, not the paper's
   - Ablation priors: oracle = Monte-Carlo p from --oracle-k extra rollouts + N(0, --prior-noise), clipped;
     constant = --prior-constant for every prompt; corrupt = the noisy oracle, but on a --corrupt-frac share
     of prompts the far end (1 if p < 0.5 else 0), which the test must catch.
-  - test_reject_rate is measured at k_init (the decision that buys extra rollouts).
+  - test_reject_rate is measured at k_init (the decision that buys extra rollouts). acc is the mean of the
+    prompts' success rates (each prompt weighs the same, as in GRPO), reward the mean over all rollouts.
 """
 from __future__ import annotations
 
@@ -219,6 +220,29 @@ def corrupt_prior(p_oracle, prior, frac: float, rng) -> tuple[np.ndarray, np.nda
 # ------------------------------------------------------------------------------------------------
 
 
+class PolicyDraw:
+    """The `draw` adaptive_rollouts calls during training: sample counts[i] rollouts of prompt i in one batched
+    generate call, score them, and keep every Rollout and reward (rollouts[i], rewards[i]: prompt i's)."""
+
+    def __init__(self, sampler, tok, probs: list[C.Problem], args: Args, seed: int):
+        self.sampler, self.probs, self.args, self.seed = sampler, probs, args, seed
+        self.texts = [C.build_prompt(tok, p) for p in probs]
+        self.rollouts, self.rewards = [[] for _ in probs], [[] for _ in probs]
+        self.calls, self.no_answer = 0, 0
+
+    def __call__(self, counts) -> list[list[float]]:
+        idx = np.nonzero(counts)[0]
+        roll = self.sampler.generate([self.texts[i] for i in idx], counts[idx].tolist(), self.args.max_new_tokens,
+                                     self.args.temperature, seed=self.seed + 7_001 * self.calls)
+        correct, na = C.score([r.text for r in roll], [self.probs[idx[r.prompt_idx]].answer for r in roll])
+        self.calls, self.no_answer = self.calls + 1, self.no_answer + na
+        new = [[] for _ in self.probs]
+        for r, c in zip(roll, correct):
+            i = idx[r.prompt_idx]
+            new[i].append(c), self.rollouts[i].append(r), self.rewards[i].append(c)
+        return new
+
+
 def main(args: Args):
     if args.prior in ("oracle", "corrupt") and args.oracle_k <= 0:
         raise SystemExit(f"--prior {args.prior} needs the Monte-Carlo success rate: pass --oracle-k > 0 (e.g. 16)")
@@ -236,31 +260,11 @@ def main(args: Args):
     sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
     logger = C.RunLogger(args.out, resume_step=start)
 
-    def rollouts_for(probs, seed):
-        """A `draw` for adaptive_rollouts that also keeps every Rollout and reward: kept[i], rew[i] are prompt i's."""
-        texts, kept, rew, calls = [C.build_prompt(tok, p) for p in probs], [[] for _ in probs], [[] for _ in probs], [0]
-
-        def draw(counts):
-            idx = np.nonzero(counts)[0]
-            roll = sampler.generate([texts[i] for i in idx], counts[idx].tolist(), args.max_new_tokens,
-                                    args.temperature, seed=seed + 7_001 * calls[0])
-            calls[0] += 1
-            correct, na = C.score([r.text for r in roll], [probs[idx[r.prompt_idx]].answer for r in roll])
-            draw.no_answer += na
-            out = [[] for _ in probs]
-            for r, c in zip(roll, correct):
-                out[idx[r.prompt_idx]].append(c)
-                kept[idx[r.prompt_idx]].append(r)
-                rew[idx[r.prompt_idx]].append(c)
-            return out
-        draw.no_answer = 0
-        return draw, kept, rew
-
     if start == 0:  # warm-up: k_init rollouts on fresh prompts, only to seed V0's history
         warm = stream.take(args.warmup_prompts) if args.prior == "v0" else []
         metrics = {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed) if eval_set else None}
         if warm:
-            draw, _, _ = rollouts_for(warm, seed=args.seed * 1_000_003)
+            draw = PolicyDraw(sampler, tok, warm, args, seed=args.seed * 1_000_003)
             rates = np.array([np.mean(r) for r in draw(np.full(len(warm), args.k_init))])
             history = [(p.question, float(r)) for p, r in zip(warm, rates)][-args.history:]
             metrics.update(rollouts=len(warm) * args.k_init, acc=float(rates.mean()))
@@ -286,18 +290,19 @@ def main(args: Args):
 
         # 2. k_init rollouts each, the test, and one more rollout at a time where the prior looks wrong
         with timer("time_gen"):
-            draw, kept, rew = rollouts_for(probs, seed)
+            draw = PolicyDraw(sampler, tok, probs, args, seed)
             res = adaptive_rollouts(draw, prior, args.k_init, args.k_max, args.cost, args.test, args.alpha)
         rates, k = res["hits"] / res["k"], res["k"]
         history = (history + [(p.question, float(r)) for p, r in zip(probs, rates)])[-args.history:]
 
         # 3. A_i = r_i - mu, broadcast over tokens
-        roll = [r for group in kept for r in group]
-        rewards = torch.tensor([c for g in rew for c in g])  # [B], in the order of roll
+        roll = [r for group in draw.rollouts for r in group]
+        rewards = torch.tensor([c for group in draw.rewards for c in group])  # [B], in the order of roll
         gidx = torch.repeat_interleave(torch.arange(len(probs)), torch.tensor(k))
         adv = v05_advantages(rewards, gidx, torch.tensor(res["mu"], dtype=torch.float32), args.scale_std)
         flat = [float(min(g) == max(g)) for g in np.split(rewards.numpy(), np.cumsum(k)[:-1])]
-        metrics.update(reward=rewards.mean().item(), acc=rewards.mean().item(), adv_std=adv.std().item(),
+        # acc weighs every prompt the same (as GRPO's equal groups do), however many rollouts it got
+        metrics.update(reward=rewards.mean().item(), acc=float(rates.mean()), adv_std=adv.std().item(),
                        frac_reward_zero_std=float(np.mean(flat)), rollouts=len(roll), no_answer=draw.no_answer,
                        tokens=sum(len(r.ids) for r in roll), k_mean=float(k.mean()),
                        k_max_hit=float(np.mean(k >= args.k_max)), test_reject_rate=float(res["reject_init"].mean()),
