@@ -10,7 +10,7 @@ decides how many rollouts each prompt gets. Compared, all against the true p (0/
   corrupt       sigma-prior, but a share of prompts get the far end (1 if p < 0.5 else 0)
 
     python benchmarks/v05_sim.py                      # the table below
-    python benchmarks/v05_sim.py --prompts 20000 --sigmas 0 0.05 0.1 0.2 0.3 --corrupt-frac 0.25
+    python benchmarks/v05_sim.py --plot benchmarks/v05_sim.png        # and the plot in the README
 """
 import argparse
 import sys
@@ -61,11 +61,15 @@ def main():
     ap.add_argument("--corrupt-frac", type=float, default=0.25)
     ap.add_argument("--test", default="z", choices=["z", "binomial"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", default="", help="also save MSE against rollouts spent as a PNG here")
     a = ap.parse_args()
+    points = {}  # label -> [(rollouts per prompt, MSE)]
     print(f"Bernoulli world: {a.prompts} prompts, p ~ U(0,1), MSE of the baseline against p (0/1 scale)\n")
     print(f"{'baseline':<34}{'rollouts/prompt':>16}{'MSE':>10}")
     for G in (4, 8, 16):
-        print(f"{'GRPO group mean, G=' + str(G):<34}{G:>16.2f}{group_mean_mse(a.prompts, G, a.seed):>10.4f}")
+        mse = group_mean_mse(a.prompts, G, a.seed)
+        points.setdefault("GRPO group mean, G = 4, 8, 16", []).append((G, mse))
+        print(f"{'GRPO group mean, G=' + str(G):<34}{G:>16.2f}{mse:>10.4f}")
     print(f"\n{'prior':<18}{'prior MSE':>10}{'v05@4 MSE':>10}{'v05 k':>8}{'v05 MSE':>10}{'mean@spend':>11}"
           f"{'reject@4':>10}{'k=16':>7}")
     for corrupt in (0.0, a.corrupt_frac):
@@ -73,11 +77,37 @@ def main():
             fixed = simulate(a.prompts, s, corrupt, k_max=4, test=a.test, seed=a.seed)
             r = simulate(a.prompts, s, corrupt, test=a.test, seed=a.seed)
             name = f"sigma={s:g}" + (f" +{corrupt:.0%} bad" if corrupt else "")
+            label = "V0.5, prior noise sigma" + (f", {corrupt:.0%} of priors corrupt" if corrupt else "")
+            points.setdefault(label, []).append((r["k_mean"], r["mse"], s))
             print(f"{name:<18}{r['prior_mse']:>10.4f}{fixed['mse']:>10.4f}{r['k_mean']:>8.2f}{r['mse']:>10.4f}"
                   f"{r['mean_at_spend_mse']:>11.4f}{r['reject_rate']:>10.2f}{r['k_max_hit']:>7.2f}")
             if corrupt:
                 print(f"{'':<18}  k on corrupted prompts {r['k_corrupt']:.2f}, on the rest {r['k_clean']:.2f}; "
                       f"{r['extra_share_corrupt']:.0%} of the extra rollouts went to the {corrupt:.0%} corrupted")
+    if a.plot:
+        plot(points, a.plot)
+
+
+def plot(points: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for (label, pts), marker in zip(points.items(), "osD"):
+        x, y = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(x, y, marker=marker, label=label)
+        for p in pts:
+            if len(p) == 3:  # V0.5 points carry their sigma
+                ax.annotate(f"{p[2]:g}", (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("rollouts spent per prompt (mean)")
+    ax.set_ylabel("MSE of the baseline against the true p")
+    ax.set_yscale("log")
+    ax.set_title("Bernoulli world, p ~ U(0,1): baseline error per rollout spent", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
