@@ -26,7 +26,7 @@ Equation -> function
   the test ........................ z_test_rejects (scipy, the paper's rule), binomial_rejects (--test binomial)
   mu on 0/1 counts ................ fuse
   MSE(k), look-ahead .............. risk, wants_more
-  sequential budget, batched ...... adaptive_rollouts (also drives benchmarks/v05_sim.py)
+  sequential budget, batched ...... planned_extra, adaptive_rollouts (also drives benchmarks/v05_sim.py)
   A_i ............................. v05_advantages
   the prior ....................... prior_from_v0 (v0.predict), noisy_oracle_prior, corrupt_prior
 
@@ -34,9 +34,12 @@ Choices that are ours, not the paper's
   - Rewards stay 0/1 in the trainer; fuse converts to the paper's +-1 scale (v = 2 v01 - 1, s2 = 1) and back.
     The fusion is scale-equivariant (0/1 with s2 = 1/4 gives the same w and decisions; tests check this);
     only the budget's c is tied to the +-1 scale, as in the paper.
-  - Batching: every round, each prompt whose look-ahead still pays gets exactly one more rollout, and all of
-    them are sampled in one generate call; the paper's rule is per prompt, one at a time, so the decisions are
-    the same.
+  - Batching: all prompts' extra rollouts of a round are sampled in one generate call. With --round-max 1
+    (default) each prompt whose look-ahead pays gets exactly one more per round: the paper's decisions, but up
+    to k_max - k_init rounds, each a full decode pass (latency). --round-max R gives it up to R of the
+    rollouts the look-ahead would buy if D2 kept its current value, then re-tests. In the Bernoulli world
+    (benchmarks/v05_sim.py, sigma 0.1) R = 2 halves the rounds for +3% rollouts at the same MSE; the full plan
+    (R = k_max) spends +19%, because a prompt rejected at k = 4 is often accepted again a few rollouts later.
   - --test binomial: scipy.stats.binomtest of H0: p = V on the 0/1 counts, at --alpha (default the z-rule's
     level). When it rejects, the squared bias is the plug-in (v_k - V)^2 (no variance correction, which could
     make it 0 although the test rejected); when it keeps H0, D2 = 0 as in the paper.
@@ -71,9 +74,13 @@ ALPHA = float(2 * stats.norm.sf(1.0))  # 2 (1 - Phi(1)) ~ 0.3173: the level of t
 @dataclass
 class Args(C.TrainArgs):
     """V0.5: GRPO-style training where the baseline fuses V0's prior with k >= k_init rollouts per prompt."""
+    steps: int = arg(10, "policy updates (each on a fresh batch of prompts); 10 keeps the CPU default under 10 minutes")
     k_init: int = arg(4, "rollouts every prompt gets before the test")
     k_max: int = arg(16, "rollouts a prompt can get at most")
     cost: float = arg(0.0039, "c: buy one more rollout while the predicted MSE drop exceeds c (+-1 reward scale)")
+    round_max: int = arg(1, "extra rollouts a prompt may get per round: 1 = the paper's one at a time (re-tested "
+                         "after each, one generate call per round); R > 1 = up to R of what the look-ahead buys at the "
+                         "current D2, in one call (fewer rounds, slightly more spend; ours)")
     test: str = arg("z", "z: the paper's positive-part rule (two-sided z-test, alpha = 2(1 - Phi(1))); binomial: "
                     "exact scipy.stats.binomtest against V", choices=["z", "binomial"])
     alpha: float = arg(ALPHA, "level of --test binomial")
@@ -146,10 +153,25 @@ def wants_more(D2, k, cost: float = 0.0039, k_max: int = 16, s2: float = 1.0):
     return (k < k_max) & (risk(D2, k, s2) - risk(D2, k + 1, s2) > cost)
 
 
+def planned_extra(D2, k, cost: float = 0.0039, k_max: int = 16, s2: float = 1.0):
+    """Ours: how many rollouts the one-step look-ahead would buy in a row if D2 kept its current estimate.
+    MSE(k) - MSE(k+1) = s2^2 D2^2 / ((k D2 + s2)((k+1) D2 + s2)) falls with k, so this counts the k' >= k
+    where the gain still exceeds c (and k' < k_max). -> [N] int"""
+    k = np.asarray(k)
+    m = np.zeros_like(k)
+    go = wants_more(D2, k, cost, k_max, s2)
+    while go.any():
+        m = m + go
+        go = go & wants_more(D2, k + m, cost, k_max, s2)
+    return m
+
+
 def adaptive_rollouts(draw, prior, k_init: int = 4, k_max: int = 16, cost: float = 0.0039, test: str = "z",
-                      alpha: float = ALPHA) -> dict:
-    """V0.5's sequential budget, batched across prompts: k_init rollouts each, then one more for every prompt
-    whose look-ahead still pays, round after round, until none does.
+                      alpha: float = ALPHA, round_max: int = 1) -> dict:
+    """V0.5's budget, batched across prompts: k_init rollouts each, then rounds of extra rollouts until no
+    prompt's look-ahead pays. round_max = 1: one more per prompt per round, the test and D2 re-estimated after
+    each (the paper's rule; all prompts' extra rollouts of a round share one generate call). round_max = R > 1
+    (ours): up to R of the rollouts the look-ahead buys at the current D2 (planned_extra) per round.
     draw(counts [N] int) -> N sequences of 0/1 rewards (counts[i] fresh rollouts of prompt i; 0: none);
     prior [N] in [0, 1].
     -> dict(hits, k, mu, w, D2 [N], reject_init [N] (the test at k_init), reject [N] (the last test), rounds)"""
@@ -163,7 +185,8 @@ def adaptive_rollouts(draw, prior, k_init: int = 4, k_max: int = 16, cost: float
             hits[i], k[i] = hits[i] + float(np.sum(r)), k[i] + len(r)
         mu, w, D2, reject = fuse(hits, k, prior, test, alpha)
         reject_init = reject if reject_init is None else reject_init
-        counts, rounds = wants_more(D2, k, cost, k_max).astype(int), rounds + 1
+        counts = np.minimum(planned_extra(D2, k, cost, k_max), round_max)
+        rounds += 1
     return dict(hits=hits, k=k, mu=mu, w=w, D2=D2, reject_init=reject_init, reject=reject, rounds=rounds)
 
 
@@ -291,7 +314,7 @@ def main(args: Args):
         # 2. k_init rollouts each, the test, and one more rollout at a time where the prior looks wrong
         with timer("time_gen"):
             draw = PolicyDraw(sampler, tok, probs, args, seed)
-            res = adaptive_rollouts(draw, prior, args.k_init, args.k_max, args.cost, args.test, args.alpha)
+            res = adaptive_rollouts(draw, prior, args.k_init, args.k_max, args.cost, args.test, args.alpha, args.round_max)
         rates, k = res["hits"] / res["k"], res["k"]
         history = (history + [(p.question, float(r)) for p, r in zip(probs, rates)])[-args.history:]
 

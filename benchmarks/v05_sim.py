@@ -28,16 +28,16 @@ def bernoulli_draw(p, rng):
 
 
 def simulate(n: int = 20000, sigma: float = 0.1, corrupt_frac: float = 0.0, k_init: int = 4, k_max: int = 16,
-             cost: float = 0.0039, test: str = "z", seed: int = 0) -> dict:
+             cost: float = 0.0039, test: str = "z", seed: int = 0, round_max: int = 1) -> dict:
     """One Bernoulli world -> MSEs against the true p, rollouts spent, and where the extra rollouts went."""
     rng = np.random.default_rng(seed)
     p = rng.random(n)
     prior = np.clip(p + rng.normal(0, sigma, n), 0, 1)
     bad = rng.random(n) < corrupt_frac
     prior = np.where(bad, (p < 0.5).astype(float), prior)
-    res = v05.adaptive_rollouts(bernoulli_draw(p, rng), prior, k_init, k_max, cost, test)
+    res = v05.adaptive_rollouts(bernoulli_draw(p, rng), prior, k_init, k_max, cost, test, round_max=round_max)
     extra = res["k"] - k_init
-    out = {"sigma": sigma, "corrupt_frac": corrupt_frac, "k_mean": res["k"].mean(),
+    out = {"sigma": sigma, "rounds": res["rounds"], "corrupt_frac": corrupt_frac, "k_mean": res["k"].mean(),
            "mse": np.mean((res["mu"] - p) ** 2), "empirical_mse": np.mean((res["hits"] / res["k"] - p) ** 2),
            "mean_at_spend_mse": np.mean(p * (1 - p)) / res["k"].mean(), "prior_mse": np.mean((prior - p) ** 2),
            "reject_rate": res["reject_init"].mean(), "k_max_hit": np.mean(res["k"] >= k_max)}
@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3])
     ap.add_argument("--corrupt-frac", type=float, default=0.25)
     ap.add_argument("--test", default="z", choices=["z", "binomial"])
+    ap.add_argument("--round-max", type=int, default=1, help="extra rollouts per prompt per round (v05 --round-max)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="", help="also save MSE against rollouts spent as a PNG here")
     a = ap.parse_args()
@@ -75,7 +76,7 @@ def main():
     for corrupt in (0.0, a.corrupt_frac):
         for s in a.sigmas:
             fixed = simulate(a.prompts, s, corrupt, k_max=4, test=a.test, seed=a.seed)
-            r = simulate(a.prompts, s, corrupt, test=a.test, seed=a.seed)
+            r = simulate(a.prompts, s, corrupt, test=a.test, seed=a.seed, round_max=a.round_max)
             name = f"sigma={s:g}" + (f" +{corrupt:.0%} bad" if corrupt else "")
             label = "V0.5, prior noise sigma" + (f", {corrupt:.0%} of priors corrupt" if corrupt else "")
             points.setdefault(label, []).append((r["k_mean"], r["mse"], s))

@@ -113,6 +113,12 @@ def test_budget_stops_at_k_init_when_the_prior_agrees_and_grows_when_it_does_not
     assert not v05.wants_more(3.75, 16)[()]  # k_max
     # where the gain s2 D2 / ((k D2 + 1)((k+1) D2 + 1)) < c it stops below k_max
     assert not v05.wants_more(0.02, 4)[()]
+    # planned_extra counts the look-ahead steps that pay at a fixed D2: D2 = 0.11 at k = 4 buys 3 (by hand:
+    # gains 0.0054, 0.0047, 0.0041, then 0.0036 < c); round_max = 1 is the paper's one-at-a-time rule
+    assert v05.planned_extra(np.array([0.11, 0.0, 3.75]), np.array([4, 4, 4])).tolist() == [3, 0, 12]
+    seq = v05.adaptive_rollouts(fixed_draw([0.5, 1.0, 0.25]), [0.5, 0.0, 0.75], round_max=1)
+    batched = v05.adaptive_rollouts(fixed_draw([0.5, 1.0, 0.25]), [0.5, 0.0, 0.75], round_max=16)
+    assert seq["rounds"] > batched["rounds"] and batched["k"][1] == 16
     with pytest.raises(ValueError, match="k_init"):
         v05.adaptive_rollouts(fixed_draw([0.5]), [0.5], k_init=0)
 
