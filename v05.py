@@ -35,11 +35,13 @@ Choices that are ours, not the paper's
     The fusion is scale-equivariant (0/1 with s2 = 1/4 gives the same w and decisions; tests check this);
     only the budget's c is tied to the +-1 scale, as in the paper.
   - Batching: all prompts' extra rollouts of a round are sampled in one generate call. With --round-max 1
-    (default) each prompt whose look-ahead pays gets exactly one more per round: the paper's decisions, but up
+    each prompt whose look-ahead pays gets exactly one more per round: the paper's decisions, but up
     to k_max - k_init rounds, each a full decode pass (latency). --round-max R gives it up to R of the
     rollouts the look-ahead would buy if D2 kept its current value, then re-tests. In the Bernoulli world
     (benchmarks/v05_sim.py, sigma 0.1) R = 2 halves the rounds for +3% rollouts at the same MSE; the full plan
     (R = k_max) spends +19%, because a prompt rejected at k = 4 is often accepted again a few rollouts later.
+    The default is R = 2 (ours): on 2 CPU cores each round is a full decode pass of ~2 s, and R = 1 took
+    10-13 rounds per step.
   - --test binomial: scipy.stats.binomtest of H0: p = V on the 0/1 counts, at --alpha (default the z-rule's
     level). When it rejects, the squared bias is the plug-in (v_k - V)^2 (no variance correction, which could
     make it 0 although the test rejected); when it keeps H0, D2 = 0 as in the paper.
@@ -74,13 +76,13 @@ ALPHA = float(2 * stats.norm.sf(1.0))  # 2 (1 - Phi(1)) ~ 0.3173: the level of t
 @dataclass
 class Args(C.TrainArgs):
     """V0.5: GRPO-style training where the baseline fuses V0's prior with k >= k_init rollouts per prompt."""
-    steps: int = arg(10, "policy updates (each on a fresh batch of prompts); 10 keeps the CPU default under 10 minutes")
+    steps: int = arg(8, "policy updates (each on a fresh batch of prompts); 8 keeps the CPU default under 10 minutes")
     k_init: int = arg(4, "rollouts every prompt gets before the test")
     k_max: int = arg(16, "rollouts a prompt can get at most")
     cost: float = arg(0.0039, "c: buy one more rollout while the predicted MSE drop exceeds c (+-1 reward scale)")
-    round_max: int = arg(1, "extra rollouts a prompt may get per round: 1 = the paper's one at a time (re-tested "
+    round_max: int = arg(2, "extra rollouts a prompt may get per round: 1 = the paper's one at a time (re-tested "
                          "after each, one generate call per round); R > 1 = up to R of what the look-ahead buys at the "
-                         "current D2, in one call (fewer rounds, slightly more spend; ours)")
+                         "current D2, in one call (ours: fewer rounds, slightly more spend)")
     test: str = arg("z", "z: the paper's positive-part rule (two-sided z-test, alpha = 2(1 - Phi(1))); binomial: "
                     "exact scipy.stats.binomtest against V", choices=["z", "binomial"])
     alpha: float = arg(ALPHA, "level of --test binomial")
@@ -89,7 +91,7 @@ class Args(C.TrainArgs):
                      "off on --corrupt-frac of prompts", choices=["v0", "oracle", "constant", "corrupt"])
     v0: str = arg("auto", "V0 checkpoint (auto: the shipped one when it was trained for --model)")
     history: int = arg(64, "the policy's most recent (prompt, success rate) rows V0 reads as context")
-    warmup_prompts: int = arg(16, "prompts rolled out k_init times before step 1 to seed the history")
+    warmup_prompts: int = arg(8, "prompts rolled out k_init times before step 1 to seed the history")
     prior_noise: float = arg(0.1, "oracle/corrupt: std of the Gaussian noise added to the Monte-Carlo p")
     prior_constant: float = arg(0.5, "constant: the prior every prompt gets")
     corrupt_frac: float = arg(0.25, "corrupt: share of prompts whose prior is set to the far end")

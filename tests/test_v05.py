@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import v05_sim  # noqa: E402
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")
-TINY = ["--steps", "2", "--prompts-per-step", "2", "--k-init", "2", "--k-max", "4", "--max-new-tokens", "12",
-        "--data", EASY, "--eval-problems", "2", "--warmup-prompts", "2", "--seed", "1"]
+TINY = ["--steps", "2", "--prompts-per-step", "2", "--k-init", "2", "--k-max", "4", "--round-max", "1",
+        "--max-new-tokens", "12", "--data", EASY, "--eval-problems", "2", "--warmup-prompts", "2", "--seed", "1"]
 
 
 # ---------------------------------------------------------------- the weight and the test by hand
