@@ -862,6 +862,13 @@ METRICS = ["reward", "acc", "adv_std", "frac_reward_zero_std", "rollouts", "toke
            "kl", "baseline_mse", "time_gen", "time_train", "time_step", "peak_mem_gb", "eval_acc"]
 
 
+def keep_steps(path: Path, last_step: int):
+    """On resume: keep a per-step .jsonl file's lines up to the checkpoint's step, drop the rest."""
+    if path.exists():
+        keep = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= last_step]
+        path.write_text("".join(l + "\n" for l in keep))
+
+
 class RunLogger:
     """One JSON line per training step in OUT/metrics.jsonl (every name in METRICS present, null when not
     measured that step, so notebooks can compare methods), and a compact console line."""
@@ -870,9 +877,7 @@ class RunLogger:
     def __init__(self, out: str, resume_step: int = 0):
         self.path = Path(out) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # on resume keep lines up to the checkpoint's step, drop the rest
-            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+        keep_steps(self.path, resume_step)
 
     def log(self, step: int, metrics: dict):
         clean = lambda v: (None if math.isnan(v) else round(v, 6)) if isinstance(v, float) else v  # noqa: E731

@@ -59,8 +59,10 @@ Choices that are ours, not the paper's
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -268,6 +270,16 @@ class PolicyDraw:
         return new
 
 
+def log_prompts(path, step: int, probs: list[C.Problem], rewards: list[list[float]], **per_prompt):
+    """Append this step's rows to OUT/prompts.jsonl: question, answer, the 0/1 rewards in the order drawn (the
+    first k_init are what the test saw), and any per-prompt arrays given (prior, mu, reject_init)."""
+    with open(path, "a") as fh:
+        for i, (p, r) in enumerate(zip(probs, rewards)):
+            extra = {name: (v[i].item() if hasattr(v[i], "item") else v[i]) for name, v in per_prompt.items()}
+            fh.write(json.dumps({"step": step, "question": p.question, "answer": p.answer,
+                                   "rewards": [int(x) for x in r], **extra}) + "\n")
+
+
 def main(args: Args):
     if args.prior in ("oracle", "corrupt") and args.oracle_k <= 0:
         raise SystemExit(f"--prior {args.prior} needs the Monte-Carlo success rate: pass --oracle-k > 0 (e.g. 16)")
@@ -284,6 +296,8 @@ def main(args: Args):
         start, stream.cursor, history = state["step"], state["extra"]["cursor"], state["extra"]["history"]
     sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
     logger = C.RunLogger(args.out, resume_step=start)
+    prompt_log = Path(args.out) / "prompts.jsonl"  # one row per prompt and step: where the budget went, and why
+    C.keep_steps(prompt_log, start)
 
     if start == 0:  # warm-up: k_init rollouts on fresh prompts, only to seed V0's history
         warm = stream.take(args.warmup_prompts) if args.prior == "v0" else []
@@ -292,6 +306,7 @@ def main(args: Args):
             draw = PolicyDraw(sampler, tok, warm, args, seed=args.seed * 1_000_003)
             rates = np.array([np.mean(r) for r in draw(np.full(len(warm), args.k_init))])
             history = [(p.question, float(r)) for p, r in zip(warm, rates)][-args.history:]
+            log_prompts(prompt_log, 0, warm, draw.rewards)
             metrics.update(rollouts=len(warm) * args.k_init, acc=float(rates.mean()))
         logger.log(0, metrics)
 
@@ -319,6 +334,7 @@ def main(args: Args):
             res = adaptive_rollouts(draw, prior, args.k_init, args.k_max, args.cost, args.test, args.alpha, args.round_max)
         rates, k = res["hits"] / res["k"], res["k"]
         history = (history + [(p.question, float(r)) for p, r in zip(probs, rates)])[-args.history:]
+        log_prompts(prompt_log, step, probs, draw.rewards, prior=prior, mu=res["mu"], reject_init=res["reject_init"])
 
         # 3. A_i = r_i - mu, broadcast over tokens
         roll = [r for group in draw.rollouts for r in group]

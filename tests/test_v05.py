@@ -213,6 +213,12 @@ def test_two_steps_log_the_v05_metrics(v05_run):
                     "baseline_mse", "rollouts", "acc", "grad_norm"):
             assert x[key] is not None, key
         assert 2 <= x["k_mean"] <= 4 and x["rollouts"] == round(2 * x["k_mean"])
+    # OUT/prompts.jsonl: every prompt's rewards in draw order, as many as the step's rollouts
+    p = [json.loads(line) for line in (v05_run / "prompts.jsonl").read_text().splitlines()]
+    assert [y["step"] for y in p] == [0, 0, 1, 1, 2, 2]
+    for x in r:
+        assert sum(len(y["rewards"]) for y in p if y["step"] == x["step"]) == x["rollouts"]
+    assert all(set(y) >= {"question", "answer", "prior", "mu", "reject_init"} for y in p if y["step"] > 0)
 
 
 def test_resume_continues_exactly(v05_run, tmp_path):
@@ -224,6 +230,7 @@ def test_resume_continues_exactly(v05_run, tmp_path):
     volatile = {"time_gen", "time_train", "time_step", "time_prior", "peak_mem_gb", "eval_acc"}
     keys = lambda x: {k: v for k, v in x.items() if k not in volatile}  # noqa: E731
     assert [keys(x) for x in a] == [keys(x) for x in b]
+    assert (v05_run / "prompts.jsonl").read_text() == (tmp_path / "prompts.jsonl").read_text()
     wa, wb = (load_file(o / "ckpt" / "policy" / "model.safetensors") for o in (v05_run, tmp_path))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
