@@ -584,11 +584,22 @@ def forward_logprobs(model, batch: dict, temperature: float = 1.0, chunk: int = 
     The lm head and log-softmax run on `chunk` response tokens at a time under activation checkpointing,
     so the [B, T, V] logits tensor never exists, neither in forward nor in backward (each chunk's logits
     are rebuilt during backward). Returns logp [B, L], entropy [B, L] (if asked), and
-    hidden [B, P+L, d], the output of decoder layer `hidden_layer` (1-based; if asked).
+    hidden [B, P+L, d], the output of decoder layer `hidden_layer` (1-based, the residual stream before
+    the final norm; if asked).
     """
     base, head = model.get_decoder(), model.get_output_embeddings()
-    out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-               position_ids=batch["position_ids"], output_hidden_states=hidden_layer is not None)
+    captured, hook = {}, None
+    if hidden_layer is not None:  # a hook keeps one layer's states, not all of them (output_hidden_states would)
+        if not 1 <= hidden_layer <= len(base.layers):
+            raise ValueError(f"hidden_layer={hidden_layer}: the model has decoder layers 1..{len(base.layers)}")
+        hook = base.layers[hidden_layer - 1].register_forward_hook(
+            lambda mod, inp, o: captured.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    try:
+        out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"])
+    finally:
+        if hook is not None:
+            hook.remove()
     P, L = batch["prompt_len"], batch["response_ids"].shape[1]
     h = out.last_hidden_state[:, P - 1:P + L - 1]  # [B, L, d]: the state that predicts response token t
     B, _, d = h.shape
@@ -607,7 +618,7 @@ def forward_logprobs(model, batch: dict, temperature: float = 1.0, chunk: int = 
     if entropy:
         res["entropy"] = ent.view(B, L)
     if hidden_layer is not None:
-        res["hidden"] = out.hidden_states[hidden_layer]
+        res["hidden"] = captured["h"]
     return res
 
 
