@@ -234,6 +234,7 @@ def poise_advantages(rewards: torch.Tensor, values: torch.Tensor | None = None) 
 
 
 def pearson(a, b) -> float:
+    """Pearson correlation of two [N] arrays; NaN (logged as null) when either has no spread."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 2 or a.std() < 1e-12 or b.std() < 1e-12:
         return float("nan")
