@@ -94,12 +94,13 @@ def response_cuts(tok, rollouts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         text = "".join(pieces)
         tok_at = lambda c: int(np.searchsorted(ends, c, side="right"))  # noqa: E731  token holding character c
         think = text.rfind("</think>")
+        boxed = text.rfind("\\boxed")
         if think >= 0:
-            cut = tok_at(think + len("</think>") - 1) + 1
-            state_end.append(cut), answer_start.append(cut)
+            end = start = tok_at(think + len("</think>") - 1) + 1  # just after the token closing </think>
         else:
-            boxed = text.rfind("\\boxed")
-            state_end.append(n), answer_start.append(tok_at(boxed) if boxed >= 0 else n)
+            end, start = n, (tok_at(boxed) if boxed >= 0 else n)
+        state_end.append(end)
+        answer_start.append(start)
         n_text.append(n)
     return np.array(state_end), np.array(answer_start), np.array(n_text)
 
@@ -178,11 +179,11 @@ def ridge_fit(X: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, f
     return w, float(ym - xm @ w)
 
 
-def _design(probe: dict, F: np.ndarray) -> np.ndarray:
+def _pca_parts(probe: dict, F: np.ndarray) -> np.ndarray:
+    """[N, 2d + 3] -> [N, k_prompt + k_response + 3]: each hidden-state part projected on its own components."""
     d = probe["d"]
-    parts = [(F[:, :d] - probe["p_mean"]) @ probe["p_comp"].T, (F[:, d:2 * d] - probe["r_mean"]) @ probe["r_comp"].T,
-             F[:, 2 * d:]]
-    return (np.concatenate(parts, 1) - probe["z_mean"]) / probe["z_std"]
+    return np.concatenate([(F[:, :d] - probe["p_mean"]) @ probe["p_comp"].T,
+                           (F[:, d:2 * d] - probe["r_mean"]) @ probe["r_comp"].T, F[:, 2 * d:]], 1)
 
 
 def fit_probe(F: np.ndarray, y: np.ndarray, d: int, prompt_pca: int = 32, response_pca: int = 64,
@@ -192,16 +193,16 @@ def fit_probe(F: np.ndarray, y: np.ndarray, d: int, prompt_pca: int = 32, respon
     probe = {"d": d}
     probe["p_mean"], probe["p_comp"] = pca_fit(F[:, :d], prompt_pca)
     probe["r_mean"], probe["r_comp"] = pca_fit(F[:, d:2 * d], response_pca)
-    probe["z_mean"], probe["z_std"] = 0.0, 1.0
-    Z = _design(probe, F)
+    Z = _pca_parts(probe, F)
     probe["z_mean"], probe["z_std"] = standardize_fit(Z)
-    probe["w"], probe["c"] = ridge_fit(_design(probe, F), y.astype(np.float64), alpha)
+    probe["w"], probe["c"] = ridge_fit((Z - probe["z_mean"]) / probe["z_std"], y.astype(np.float64), alpha)
     return probe
 
 
 def probe_predict(probe: dict, F: np.ndarray) -> np.ndarray:
     """g(z) = clip(ridge(standardise(PCA(z))), 0, 1): [N]."""
-    return np.clip(_design(probe, F.astype(np.float64)) @ probe["w"] + probe["c"], 0.0, 1.0)
+    Z = (_pca_parts(probe, F.astype(np.float64)) - probe["z_mean"]) / probe["z_std"]
+    return np.clip(Z @ probe["w"] + probe["c"], 0.0, 1.0)
 
 
 def fifo_append(X: np.ndarray | None, y: np.ndarray | None, X_new: np.ndarray, y_new: np.ndarray, cap: int,
