@@ -888,7 +888,7 @@ class RunLogger:
     def __init__(self, out: str, resume_step: int = 0):
         self.path = Path(out) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        keep_steps(self.path, resume_step)
+        keep_steps(self.path, resume_step if resume_step > 0 else -1)  # a fresh run starts a fresh file
 
     def log(self, step: int, metrics: dict):
         clean = lambda v: (None if math.isnan(v) else round(v, 6)) if isinstance(v, float) else v  # noqa: E731

@@ -1,0 +1,443 @@
+"""DVPO: pretrain a global value model once, then optimise the policy against it, frozen.
+
+Paper
+  Lean and Mean: Decoupled Value Policy Optimization with Global Value Guidance (Huang et al., 2025),
+  arXiv 2502.16944 (code: microsoft/DKI_LLM, folder dvpo)
+
+What the method is
+  PPO trains a critic as large as the policy on every batch (ppo.py). DVPO trains a token-level value
+  model once, the global value model (GVM), and then keeps it frozen: the policy phase has no critic
+  forward-backward, no critic optimizer state, and no reward model.
+
+  Stage 1, `python dvpo.py pretrain`: the GVM (common.ValueModel: an LM + a zero-initialised scalar head)
+  regresses onto TD(lambda) returns bootstrapped on its own current predictions, with the sequence's
+  score r on its last token (+1 chosen / -1 rejected for preference pairs; the verifier's 0/1 for rollouts):
+      delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)                  (V after the last token is 0)
+      A_t     = sum_l (gamma * lambda)^l delta_{t+l},   G_t = A_t + V(s_t)    gamma 1, lambda 0.95
+      L       = 0.5 * masked mean_t (V(s_t) - G_t)^2               (G_t held fixed: no gradient)
+  Stage 2, `python dvpo.py train --gvm DIR`: PPO with the GVM's values in place of a critic's.
+      V_t  <- whiten(V_GVM(s_t)) over the batch's real tokens       (paper; see --variant)
+      r_t   = -beta * (log pi(y_t) - log pi_ref(y_t))               (paper: the KL penalty is the only reward)
+      A_t   = GAE(r, V; gamma 1, lambda 0.95),  A_t <- whiten(A_t)
+      policy: the clipped surrogate (eps 0.2) on A_t              -> common.policy_update
+  With gamma = lambda = 1 and no reward, A_t telescopes to -V_t: the task signal lives in lambda < 1,
+  A_t = (1 - lambda) sum_{m>=1} lambda^(m-1) V_{t+m} - V_t, i.e. tokens after which the value rises.
+
+Equation -> function
+  G_t (stage 1 targets) ...................... td_lambda_targets (on ppo.token_rewards + common.gae)
+  stage 1 loss and step ...................... gvm_update (common.value_loss with clip 0)
+  per-token rewards, both settings ........... dvpo_rewards
+  whitened values, GAE, whitened advantages .. dvpo_advantages
+  realised returns (for explained_variance) .. realised_returns
+  the frozen GVM ............................. load_gvm
+
+The two reward settings of stage 2 (--variant)
+  paper  the paper's policy phase: the KL penalty is the only per-token reward (beta 0.01, ours), the
+         GVM's values are whitened; all task signal comes from the GVM's value changes along the response.
+  rlvr   (default, ours) the verifiable reward r in {0, 1} also sits on the last token, and the GVM's values
+         stay raw, on the 0/1 scale they were trained on: PPO with a frozen critic. With lambda = 1 this is
+         A_t = r - V(s_t), an unbiased baseline whatever the GVM's errors; lambda = 0.95 trades a little of
+         that for lower variance. It is the default because our setting is RLVR: the reward is exact and
+         free, the paper's setting has no reward at all (the GVM replaced the reward model), and a frozen
+         135M GVM is too weak a judge to be the only signal (see the README's results). The paper setting
+         also pays for a reference model's forward (the KL reward) and punishes the last tokens of
+         responses whose values are high (the -V at the truncation above).
+
+Choices that are ours, not the paper's
+  - Stage 1 data: rollouts of the policy itself scored by the verifier (RLVR), collected from
+    --collect-problems problems drawn with another seed than stage 2's problem stream, --collect-n each;
+    preference pairs (--pairs) as in the paper can be added or used alone. Rollout rows keep their sampled
+    token ids, so the GVM reads exactly the sequences stage 2 will show it; a pair's texts are tokenised and
+    end with eos. Pairs are scored +1/-1 as in the paper and rollouts 0/1 (--pair-scores puts pairs on
+    another scale: mixing the two sets the GVM's scale, so choose it with the stage 2 setting in mind).
+  - The GVM starts from the policy's weights (--gvm-model for another backbone with the same tokenizer);
+    --gvm-holdout of the prompts stay out of stage 1 and measure the GVM (V(s_0) against the outcome).
+  - explained_variance in stage 2: the GVM's raw values against the realised return of each token, the
+    verifier's outcome discounted from the end (what the GVM was trained to predict), in both settings.
+  - Stage 1 takes one forward per micro-batch: the targets bootstrap on the detached values of the same
+    forward that the loss differentiates (identical to a separate no-grad pass first, one forward cheaper).
+  - CPU defaults: stage 1 on 80 problems x 4 rollouts, one pass in batches of 16; stage 2 on 16 prompts x 1
+    rollout for 16 steps, one optimizer step per batch (the paper: 4 epochs), so the whole run fits
+    15 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+import common as C
+import ppo  # DVPO's stage 2 is ppo.py with the critic frozen: its per-token rewards and value pass
+from common import arg
+
+VARIANTS = {  # --variant presets; explicit flags win
+    "rlvr": {"whiten_values": False, "kl_coef": 0.0},
+    "paper": {"whiten_values": True, "kl_coef": 0.01},
+}
+
+
+@dataclass
+class Args(C.TrainArgs):
+    """DVPO: pretrain a global value model (GVM) on scored sequences, then PPO against it frozen."""
+    # stage 2: the policy
+    steps: int = arg(16, "stage 2: policy updates (each on a fresh batch of rollouts)")
+    prompts_per_step: int = arg(16, "stage 2: prompts per step")
+    group_size: int = arg(1, "stage 2: rollouts per prompt (DVPO needs no groups)")
+    variant: str = arg("rlvr", "stage 2 reward: rlvr (the verifier's terminal reward + raw GVM values; ours, the "
+                       "default) or paper (the KL penalty only, whitened GVM values)", choices=list(VARIANTS))
+    gvm: str = arg("", "stage 2: the GVM folder that `dvpo.py pretrain --out DIR` wrote (with no subcommand: OUT/gvm)")
+    whiten_values: bool = arg(False, "whiten the GVM's values over the batch's real tokens (paper: on)")
+    gamma: float = arg(1.0, "discount gamma (both stages)")
+    lam: float = arg(0.95, "GAE / TD lambda (both stages)")
+    whiten_adv: bool = arg(True, "whiten advantages over the batch's real tokens")
+    # stage 1: the GVM
+    gvm_model: str = arg("", "GVM backbone: '' starts it from the policy (--model); or another model with the "
+                         "same tokenizer")
+    rollouts: str = arg("", "stage 1 data: a .jsonl of {prompt, response, score} rows to reuse ('' collects them "
+                        "from the policy into OUT/rollouts.jsonl)")
+    collect_problems: int = arg(80, "stage 1: problems of --data to collect rollouts on")
+    collect_n: int = arg(4, "stage 1: rollouts per problem")
+    pairs: str = arg("", "stage 1: preference pairs, a .jsonl of {prompt, chosen, rejected} rows (optional)")
+    pair_scores: str = arg("1,-1", "stage 1: scores of a pair's chosen and rejected response (paper: +1, -1)")
+    gvm_epochs: int = arg(1, "stage 1: passes over the GVM's training rows")
+    gvm_batch: int = arg(16, "stage 1: rows per GVM optimizer step")
+    gvm_lr: float = arg(5e-5, "stage 1: GVM AdamW learning rate")
+    gvm_holdout: float = arg(0.125, "stage 1: share of prompts kept out of training to measure the GVM")
+
+
+# ------------------------------------------------------------------------------------------------
+# The math: targets, rewards, advantages (pure functions on [B, L] tensors)
+# ------------------------------------------------------------------------------------------------
+
+
+def td_lambda_targets(score, values, mask, gamma: float = 1.0, lam: float = 0.95) -> torch.Tensor:
+    """Stage 1 targets G_t [B, L]: score [B] on each sequence's last real token, values [B, L] the GVM's own
+    current predictions V(s_t) (bootstrapping):  delta_t = r_t + gamma V_{t+1} - V_t,
+    A_t = sum_l (gamma lambda)^l delta_{t+l},  G_t = A_t + V_t  (the lambda-return)."""
+    _, returns = C.gae(ppo.token_rewards(score, mask), values, mask, gamma, lam)
+    return returns
+
+
+def realised_returns(score, mask, gamma: float = 1.0) -> torch.Tensor:
+    """The outcome's return-to-go [B, L]: gamma^(T-1-t) * score (with gamma = 1: the score on every token)."""
+    return C.gae(ppo.token_rewards(score, mask), torch.zeros_like(mask), mask, gamma, 1.0)[1]
+
+
+def dvpo_rewards(score, mask, variant: str, logp=None, ref_logp=None, beta: float = 0.0) -> torch.Tensor:
+    """Stage 2 per-token rewards [B, L].
+        paper: r_t = -beta (log pi - log pi_ref)                      (no task reward: the GVM carries it)
+        rlvr:  r_t = -beta (log pi - log pi_ref) + [t = T-1] * score   (ours: plus the verifier's outcome)"""
+    task = score if variant == "rlvr" else torch.zeros_like(score)
+    return ppo.token_rewards(task, mask, logp, ref_logp, beta)
+
+
+def dvpo_advantages(values, rewards, mask, gamma: float = 1.0, lam: float = 0.95, whiten_values: bool = True,
+                    whiten_adv: bool = True) -> torch.Tensor:
+    """values [B, L] from the frozen GVM, rewards [B, L] -> advantages [B, L]:
+    V <- whiten(V) (optional), A = GAE(r, V; gamma, lambda), A <- whiten(A) (optional)."""
+    v = C.masked_whiten(values, mask) if whiten_values else values
+    adv, _ = C.gae(rewards, v, mask, gamma, lam)
+    return C.masked_whiten(adv, mask) if whiten_adv else adv
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 1 data: scored sequences from rollouts or preference pairs
+# ------------------------------------------------------------------------------------------------
+
+
+def collect_rows(sampler, tok, problems: list[C.Problem], n: int, max_new_tokens: int, temperature: float,
+                 seed: int) -> list[dict]:
+    """n rollouts of each problem, scored by the verifier: rows {prompt, response, response_ids, score, finish}."""
+    roll = sampler.generate([C.build_prompt(tok, p) for p in problems], n, max_new_tokens, temperature, seed=seed,
+                            desc="collect")
+    correct, _ = C.score([r.text for r in roll], [problems[r.prompt_idx].answer for r in roll])
+    return [{"prompt": problems[r.prompt_idx].question, "response": r.text, "response_ids": r.ids, "score": s,
+             "finish": r.finish, "answer": problems[r.prompt_idx].answer} for r, s in zip(roll, correct)]
+
+
+def read_scored(path) -> list[dict]:
+    """Rows {prompt: str, response: str, score: number, [response_ids: [int], finish]}; file:line on a bad row."""
+    rows = []
+    for i, row in C.read_jsonl(path):
+        where = f"{path}:{i}"
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+            raise ValueError(f"{where}: needs string fields 'prompt' and 'response'")
+        if not isinstance(row.get("score"), (int, float)) or isinstance(row["score"], bool) \
+                or not math.isfinite(row["score"]):
+            raise ValueError(f"{where}: 'score' must be a finite number, got {row.get('score')!r}")
+        ids = row.get("response_ids")
+        if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
+            raise ValueError(f"{where}: 'response_ids' must be a list of token ids")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def read_pairs(path, chosen: float = 1.0, rejected: float = -1.0) -> list[dict]:
+    """Preference rows {prompt, chosen, rejected} -> two scored rows each (the paper: +1 chosen, -1 rejected)."""
+    rows = []
+    for i, row in C.read_jsonl(path):
+        if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise ValueError(f"{path}:{i}: a pair needs string fields 'prompt', 'chosen' and 'rejected'")
+        rows += [{"prompt": row["prompt"], "response": row["chosen"], "score": chosen},
+                 {"prompt": row["prompt"], "response": row["rejected"], "score": rejected}]
+    if not rows:
+        raise ValueError(f"{path}: no pairs")
+    return rows
+
+
+def to_sequence(row: dict, tok, eos: int) -> C.Rollout:
+    """A scored row as the token sequence the GVM reads: the chat prompt the policy sees, then the response
+    (its sampled ids when the row has them, else the tokenised text closed by eos unless it was cut)."""
+    prompt_ids = tok(C.build_prompt(tok, C.Problem("", row["prompt"], "")), add_special_tokens=False)["input_ids"]
+    ids = row.get("response_ids")
+    if ids is None:
+        ids = tok(row["response"], add_special_tokens=False)["input_ids"]
+        ids = ids + ([eos] if row.get("finish", "stop") == "stop" else [])
+    return C.Rollout(0, prompt_ids, list(ids), row["response"], [0.0] * len(ids), row.get("finish", "stop"))
+
+
+def split_by_prompt(rows: list[dict], share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices (train, held-out), holding out a share of the distinct prompts with all their rows."""
+    prompts = sorted({r["prompt"] for r in rows})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[:round(share * len(prompts))])
+    return [i for i, r in enumerate(rows) if r["prompt"] not in held], [i for i, r in enumerate(rows) if r["prompt"] in held]
+
+
+def gvm_report(gvm, seqs: list[C.Rollout], scores: torch.Tensor, const: float, args, pad_id: int, dev) -> dict:
+    """The GVM on rows it was not trained on: V(s_0) (before the first response token) against the outcome,
+    next to a constant (the training rows' mean score), and token-level explained variance."""
+    if not seqs:
+        return {}
+    batch = C.collate(seqs, pad_id, dev)
+    mask = batch["response_mask"]
+    values = ppo.critic_values(gvm, batch, args.micro_batch_size)  # [N, L]
+    s0, y = values[:, 0].cpu().numpy(), scores.numpy()
+    label = y > (y.max() + y.min()) / 2
+    auc = (stats.mannwhitneyu(s0[label], s0[~label]).statistic / (label.sum() * (~label).sum())
+           if 0 < label.sum() < len(y) else float("nan"))
+    return {"gvm_heldout_mse": float(np.mean((s0 - y) ** 2)), "gvm_heldout_const_mse": float(np.mean((const - y) ** 2)),
+            "gvm_heldout_auc": float(auc),
+            "gvm_heldout_ev": C.explained_variance(values, realised_returns(scores.to(dev), mask, args.gamma), mask)}
+
+
+def gvm_update(gvm, optimizer, batch: dict, score, args) -> dict:
+    """One GVM optimizer step on a batch of scored sequences (score [B]): each micro-batch's forward gives
+    V(s_t) [b, L] once; its detached copy makes the targets G_t (bootstrapping on the current predictions,
+    so no separate no-grad pass is needed) and 0.5 * masked mean (V - G)^2 is the loss."""
+    mask, score = batch["response_mask"], score.to(batch["response_mask"].device)
+
+    def loss_fn(r):
+        v = gvm(C.slice_batch(batch, r))  # [b, L]
+        G = td_lambda_targets(score[r], v.detach(), mask[r], args.gamma, args.lam)  # [b, L], no gradient
+        loss = C.value_loss(v, v.detach(), G, mask[r], clip=0.0)
+        return loss, {"value_loss": loss.item(), "explained_variance": C.explained_variance(v.detach(), G, mask[r]),
+                      "value_mean": C.masked_mean(v.detach(), mask[r]).item()}
+    st = C.minibatch_update(optimizer, mask, args, loss_fn, "token-mean")
+    return {k: st.get(k, float("nan")) for k in ("value_loss", "explained_variance", "value_mean", "grad_norm",
+                                                   "nan_skips")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 1: pretrain the GVM
+# ------------------------------------------------------------------------------------------------
+
+
+def pretrain(args: Args) -> Path:
+    """Collect (or read) scored sequences, train the GVM on TD(lambda) targets, write OUT/gvm.json + OUT/ckpt/gvm."""
+    out = Path(args.out)
+    dev, dtype = C.pick_device(args.device, args.dtype)
+    C.seed_everything(args.seed)
+    policy, tok, path = C.load_model(args.model, dev, dtype)
+    rows_file = Path(args.rollouts) if args.rollouts else out / "rollouts.jsonl"
+    if not args.rollouts and not (args.resume and rows_file.exists()):
+        problems = random.Random(args.seed + 1).sample(C.load_problems(args.data), args.collect_problems) \
+            if args.collect_problems > 0 else []
+        rows = []
+        if problems:  # a different draw than stage 2's ProblemStream(seed): the GVM is meant to generalise
+            sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+            rows = collect_rows(sampler, tok, problems, args.collect_n, args.max_new_tokens, args.temperature,
+                                seed=args.seed * 1_000_003 + 17)
+            del sampler
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = rows_file.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, rows_file)
+    rows = [] if not args.rollouts and rows_file.stat().st_size == 0 else read_scored(rows_file)
+    if args.pairs:
+        chosen, rejected = (float(x) for x in args.pair_scores.split(","))
+        rows += read_pairs(args.pairs, chosen, rejected)
+    if len(rows) < 2:
+        raise SystemExit(f"stage 1 has {len(rows)} scored rows: collect more (--collect-problems) or give --pairs")
+
+    if args.gvm_model:
+        lm, gtok, base = C.load_model(args.gvm_model, dev, dtype)
+        if gtok.get_vocab() != tok.get_vocab():
+            raise SystemExit(f"--gvm-model {args.gvm_model}: its tokenizer differs from --model {args.model}'s")
+        del policy
+    else:
+        lm, base = policy, args.model  # stage 1 never samples again: the policy's weights become the GVM's
+    gvm = C.ValueModel(lm)
+    optimizer = torch.optim.AdamW(gvm.parameters(), lr=args.gvm_lr, weight_decay=0.0)
+    eos = C.eos_ids(lm, tok)[0]
+    seqs = [to_sequence(r, tok, eos) for r in rows]
+    scores = torch.tensor([float(r["score"]) for r in rows])  # [N]
+    train, held = split_by_prompt(rows, args.gvm_holdout, args.seed)
+    const = float(scores[train].mean())
+    per_epoch = math.ceil(len(train) / args.gvm_batch)
+    total = per_epoch * args.gvm_epochs
+    start = 0
+    if args.resume and (out / "ckpt" / "state.pt").exists():
+        start = C.load_checkpoint(str(out), {"gvm": (gvm, optimizer)})["step"]
+    logger = C.RunLogger(str(out), resume_step=start)
+    logger.CONSOLE = ["value_loss", "explained_variance", "gvm_heldout_mse", "gvm_heldout_const_mse", "gvm_heldout_auc"]
+    one_pass = dataclasses.replace(args, epochs=1, minibatch_size=0)  # each GVM batch is one optimizer step
+    report = lambda: gvm_report(gvm, [seqs[i] for i in held], scores[held], const, args, tok.pad_token_id, dev)  # noqa: E731
+
+    if start == 0:
+        logger.log(0, {"gvm_rows": len(train), "gvm_heldout_rows": len(held), **report()})
+    for step in C.tqdm(range(start + 1, total + 1), desc="gvm", initial=start, total=total):
+        t0 = time.perf_counter()
+        epoch, i = divmod(step - 1, per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 31 + epoch))
+        idx = [train[j] for j in order[i * args.gvm_batch:(i + 1) * args.gvm_batch]]
+        batch = C.collate([seqs[j] for j in idx], tok.pad_token_id, dev)
+        metrics = {"tokens": int(batch["response_mask"].sum()), **gvm_update(gvm, optimizer, batch, scores[idx], one_pass)}
+        if i == per_epoch - 1:  # end of a pass: measure on the held-out prompts
+            metrics.update(report())
+        metrics.update(time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
+        logger.log(step, metrics)
+        if step == total or (args.save_every and step % args.save_every == 0):
+            C.save_checkpoint(str(out), step, {"gvm": (gvm, optimizer)})
+    meta = {"base": str(Path(base).resolve()) if Path(base).exists() else base, "rows": len(rows),
+            "train_rows": len(train), "heldout_rows": len(held), "gamma": args.gamma, "lam": args.lam,
+            "data": str(rows_file), "pairs": args.pairs, "steps": total, "final": report()}
+    tmp = out / "gvm.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / "gvm.json")  # written last: its presence means stage 1 finished
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 2: PPO against the frozen GVM
+# ------------------------------------------------------------------------------------------------
+
+
+def load_gvm(folder, tok, device, dtype) -> tuple[C.ValueModel, dict]:
+    """The GVM that `pretrain` wrote into `folder`, frozen: eval mode, no parameter requires a gradient."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    if not (folder / "gvm.json").exists():
+        raise SystemExit(f"--gvm {folder}: no gvm.json there; make a GVM first: python dvpo.py pretrain --out {folder}")
+    meta = json.loads((folder / "gvm.json").read_text())
+    lm, gtok, _ = C.load_model(meta["base"], device, dtype)
+    if gtok.get_vocab() != tok.get_vocab():
+        raise SystemExit(f"--gvm {folder}: its backbone {meta['base']} has another tokenizer than the policy's")
+    gvm = C.ValueModel(lm)
+    gvm.load_state_dict({k: v for f in sorted((folder / "ckpt" / "gvm").glob("*.safetensors"))
+                         for k, v in load_file(f).items()})
+    return gvm.eval().requires_grad_(False), meta
+
+
+def train(args: Args):
+    if not args.gvm:
+        raise SystemExit("dvpo.py train needs --gvm DIR (a folder written by `python dvpo.py pretrain --out DIR`)")
+    dev, dtype = C.pick_device(args.device, args.dtype)
+    C.seed_everything(args.seed)
+    policy, tok, path = C.load_model(args.model, dev, dtype)
+    gvm, _ = load_gvm(args.gvm, tok, dev, dtype)  # frozen: no gradient, no optimizer state, never saved again
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    parts = {"policy": (policy, optimizer)}
+    train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
+    stream = C.ProblemStream(train_set, args.seed)
+    start = 0
+    if args.resume:
+        state = C.load_checkpoint(args.out, parts)
+        start, stream.cursor = state["step"], state["extra"]["cursor"]
+    ref = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_coef > 0 else None
+    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+    logger = C.RunLogger(args.out, resume_step=start)
+    G, P, mbs = args.group_size, args.prompts_per_step, args.micro_batch_size
+
+    if start == 0 and eval_set:
+        logger.log(0, {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)})
+    for step in C.tqdm(range(start + 1, args.steps + 1), desc="dvpo", initial=start, total=args.steps):
+        timer, t0 = C.Timer(), time.perf_counter()
+        # 1. problems -> rollouts -> verifiable rewards
+        with timer("time_gen"):
+            probs = stream.take(P)
+            roll = sampler.generate([C.build_prompt(tok, p) for p in probs], G, args.max_new_tokens,
+                                    args.temperature, seed=args.seed * 1_000_003 + step * 101)
+            correct, no_answer = C.score([r.text for r in roll], [probs[r.prompt_idx].answer for r in roll])
+        correct = torch.tensor(correct)  # [B], B = P * G, grouped by prompt
+        batch = C.collate(roll, tok.pad_token_id, dev)
+        mask = batch["response_mask"]
+
+        with timer("time_train"):
+            # 2. the method: the frozen GVM's values, per-token rewards, GAE, whitened advantages
+            values = ppo.critic_values(gvm, batch, mbs)  # [B, L] V_GVM(s_t), raw
+            old_logp = ref_logp = None
+            if ref is not None:  # the KL reward needs log pi and log pi_ref of the sampled tokens
+                old_logp = C.logprobs_no_grad(policy, batch, args.temperature, args.logp_chunk, mbs)
+                ref_logp = C.logprobs_no_grad(ref, batch, args.temperature, args.logp_chunk, mbs)
+            rewards = dvpo_rewards(correct.to(dev), mask, args.variant, old_logp, ref_logp, args.kl_coef)
+            adv = dvpo_advantages(values, rewards, mask, args.gamma, args.lam, args.whiten_values, args.whiten_adv)
+            realised = realised_returns(correct.to(dev), mask, args.gamma)
+            metrics = {"reward": rewards.sum(-1).mean().item(), "acc": correct.mean().item(),
+                       "explained_variance": C.explained_variance(values, realised, mask),
+                       "gvm_value_mean": C.masked_mean(values, mask).item()}
+
+            # 3. the policy update; the GVM takes no step (the KL is in the reward, so out of the loss)
+            metrics.update(C.policy_update(policy, optimizer, batch, adv, args, old_logp=old_logp))
+            sampler.sync_weights(policy)
+
+        flat = correct.view(P, G)
+        metrics.update(adv_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item(),
+                       frac_reward_zero_std=(flat.max(-1).values == flat.min(-1).values).float().mean().item()
+                       if G > 1 else None,
+                       rollouts=len(roll), tokens=int(mask.sum()), no_answer=no_answer,
+                       resp_len=mask.sum(-1).mean().item())
+        if args.oracle_k > 0:  # diagnostic only: the GVM's V(s_0) vs a Monte-Carlo p(x)
+            v0 = values[:, 0].view(P, G).mean(-1).cpu().numpy()
+            metrics.update(C.oracle_baseline_mse(sampler, tok, probs, v0, args, seed=args.seed * 7_919 + step))
+
+        # 4. log, evaluate, checkpoint (the policy only: the GVM never changes)
+        if step == args.steps or (args.eval_every and step % args.eval_every == 0):
+            metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+        metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
+        logger.log(step, metrics)
+        if step == args.steps or (args.save_every and step % args.save_every == 0):
+            C.save_checkpoint(args.out, step, parts, {"cursor": stream.cursor, "gvm": args.gvm})
+    return logger.path
+
+
+def run_all(args: Args):
+    """No subcommand: stage 1 into OUT/gvm (skipped when a finished one is there and --resume), then stage 2."""
+    gvm_dir = Path(args.out) / "gvm"
+    if not (args.resume and (gvm_dir / "gvm.json").exists()):
+        pretrain(dataclasses.replace(args, out=str(gvm_dir)))
+    resume2 = args.resume and (Path(args.out) / "ckpt" / "state.pt").exists()  # a crash in stage 1: start stage 2
+    return train(dataclasses.replace(args, gvm=args.gvm or str(gvm_dir), resume=resume2))
+
+
+COMMANDS = {"pretrain": pretrain, "train": train}
+
+if __name__ == "__main__":
+    cmd = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else None
+    if cmd is not None and cmd not in COMMANDS:
+        raise SystemExit(f"python dvpo.py [{'|'.join(COMMANDS)}] [flags]: unknown command {cmd!r}")
+    fn = COMMANDS.get(cmd, run_all)
+    fn(C.parse_args(Args, sys.argv[2:] if cmd else sys.argv[1:], presets=VARIANTS))
