@@ -5,6 +5,10 @@ prompts, group size and response length; the first step is warm-up and left out 
 
     python benchmarks/method_cost.py                       # grpo vs ppo, 8 prompts x 4 rollouts x 32 tokens
     python benchmarks/method_cost.py --methods grpo ppo --steps 4 --new-tokens 64
+    python benchmarks/method_cost.py --methods ppo dvpo     # DVPO's claim: its stage 2 against PPO
+
+dvpo runs its stage 2 (`dvpo.py train`) against a GVM made first by a small, untimed stage 1: DVPO pays
+for the GVM once, not per policy step, and a GVM's cost per step does not depend on how well it was trained.
 
 Prints one line per method, then the ratios against the first method. Peak memory is the process's
 peak RSS on CPU (GPU: max allocated), so it includes the Python runtime and libraries (about 0.5 GB).
@@ -20,8 +24,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def method_command(method, a, tmp: Path) -> list[str]:
+    if method != "dvpo":
+        return [sys.executable, str(ROOT / f"{method}.py")]
+    gvm = tmp / "gvm"
+    p = subprocess.run([sys.executable, str(ROOT / "dvpo.py"), "pretrain", "--collect-problems", "8", "--collect-n", "2",
+                        "--max-new-tokens", str(a.new_tokens), "--seed", str(a.seed), "--out", str(gvm)],
+                       capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        raise SystemExit(f"dvpo pretrain failed:\n{p.stderr[-2000:]}")
+    return [sys.executable, str(ROOT / "dvpo.py"), "train", "--gvm", str(gvm)]
+
+
 def run_method(method, a, out):
-    cmd = [sys.executable, str(ROOT / f"{method}.py"), "--steps", str(a.steps), "--prompts-per-step", str(a.prompts),
+    cmd = [*method_command(method, a, out.parent), "--steps", str(a.steps), "--prompts-per-step", str(a.prompts),
            "--group-size", str(a.group), "--max-new-tokens", str(a.new_tokens), "--eval-problems", "0",
            "--seed", str(a.seed), "--out", str(out), *a.extra]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
