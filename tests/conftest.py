@@ -1,5 +1,6 @@
 """Shared fixtures. Nothing here downloads: the tiny models are built from configs with random weights,
 and the end-to-end tests use the embedded smollm2-135m that installs with requirements.txt."""
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,3 +37,17 @@ class TinyTok:
 @pytest.fixture
 def tiny_tok():
     return TinyTok()
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory):
+    """mktemp for a run that a module's tests share, removed when the module is done (pytest.ini removes a
+    passed test's own tmp_path; a module's folders would otherwise live until the session ends)."""
+    made = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+    yield make
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)

@@ -38,8 +38,8 @@ def weights(out):
 
 
 @pytest.fixture(scope="module")
-def two_step_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grpo2")
+def two_step_run(module_dir):
+    out = module_dir("grpo2")
     run(*TINY, "--oracle-k", "2", "--out", str(out))
     return out
 

@@ -198,9 +198,9 @@ def test_route_choice():
 
 
 @pytest.fixture(scope="module")
-def small_folder(tmp_path_factory):
+def small_folder(module_dir):
     """Two of the authors' tasks, 60 rows each: enough for a 1-epoch train and an eval."""
-    d = tmp_path_factory.mktemp("v0small")
+    d = module_dir("v0small")
     prompts, rows = v0.load_folder(V0_DATA)
     tasks = list(v0.by_task(rows).values())[:2]
     keep = [r for t in tasks for r in t[:60]]

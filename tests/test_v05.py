@@ -198,8 +198,8 @@ def test_ablation_priors_need_the_oracle(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def v05_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("v05")
+def v05_run(module_dir):
+    out = module_dir("v05")
     run(*TINY, "--oracle-k", "2", "--save-every", "1", "--out", str(out))
     return out
 
