@@ -24,7 +24,7 @@ What the method is
   A_t = (1 - lambda) sum_{m>=1} lambda^(m-1) V_{t+m} - V_t, i.e. tokens after which the value rises.
 
 Equation -> function
-  G_t (stage 1 targets) ...................... td_lambda_targets (on ppo.token_rewards + common.gae)
+  G_t (stage 1 targets) ...................... td_lambda_targets (on common.token_rewards + gae)
   stage 1 loss and step ...................... gvm_update (common.value_loss with clip 0)
   per-token rewards, both settings ........... dvpo_rewards
   whitened values, GAE, whitened advantages .. dvpo_advantages
@@ -78,7 +78,6 @@ import torch
 from scipy import stats
 
 import common as C
-import ppo  # DVPO's stage 2 is ppo.py with the critic frozen: its per-token rewards and value pass
 from common import arg
 
 VARIANTS = {  # --variant presets; explicit flags win
@@ -125,13 +124,13 @@ def td_lambda_targets(score, values, mask, gamma: float = 1.0, lam: float = 0.95
     """Stage 1 targets G_t [B, L]: score [B] on each sequence's last real token, values [B, L] the GVM's own
     current predictions V(s_t) (bootstrapping):  delta_t = r_t + gamma V_{t+1} - V_t,
     A_t = sum_l (gamma lambda)^l delta_{t+l},  G_t = A_t + V_t  (the lambda-return)."""
-    _, returns = C.gae(ppo.token_rewards(score, mask), values, mask, gamma, lam)
+    _, returns = C.gae(C.token_rewards(score, mask), values, mask, gamma, lam)
     return returns
 
 
 def realised_returns(score, mask, gamma: float = 1.0) -> torch.Tensor:
     """The outcome's return-to-go [B, L]: gamma^(T-1-t) * score (with gamma = 1: the score on every token)."""
-    return C.gae(ppo.token_rewards(score, mask), torch.zeros_like(mask), mask, gamma, 1.0)[1]
+    return C.gae(C.token_rewards(score, mask), torch.zeros_like(mask), mask, gamma, 1.0)[1]
 
 
 def dvpo_rewards(score, mask, variant: str, logp=None, ref_logp=None, beta: float = 0.0) -> torch.Tensor:
@@ -139,7 +138,7 @@ def dvpo_rewards(score, mask, variant: str, logp=None, ref_logp=None, beta: floa
         paper: r_t = -beta (log pi - log pi_ref)                      (no task reward: the GVM carries it)
         rlvr:  r_t = -beta (log pi - log pi_ref) + [t = T-1] * score   (ours: plus the verifier's outcome)"""
     task = score if variant == "rlvr" else torch.zeros_like(score)
-    return ppo.token_rewards(task, mask, logp, ref_logp, beta)
+    return C.token_rewards(task, mask, logp, ref_logp, beta)
 
 
 def dvpo_advantages(values, rewards, mask, gamma: float = 1.0, lam: float = 0.95, whiten_values: bool = True,
@@ -224,7 +223,7 @@ def gvm_report(gvm, seqs: list[C.Rollout], scores: torch.Tensor, const: float, a
         return {}
     batch = C.collate(seqs, pad_id, dev)
     mask = batch["response_mask"]
-    values = ppo.critic_values(gvm, batch, args.micro_batch_size)  # [N, L]
+    values = C.critic_values(gvm, batch, args.micro_batch_size)  # [N, L]
     s0, y = values[:, 0].cpu().numpy(), scores.numpy()
     label = y > (y.max() + y.min()) / 2
     auc = (stats.mannwhitneyu(s0[label], s0[~label]).statistic / (label.sum() * (~label).sum())
@@ -246,7 +245,8 @@ def gvm_update(gvm, optimizer, batch: dict, score, args) -> dict:
         loss = C.value_loss(v, v.detach(), G, mask[r], clip=0.0)
         return loss, {"value_loss": loss.item(), "explained_variance": C.explained_variance(v.detach(), G, mask[r]),
                       "value_mean": C.masked_mean(v.detach(), mask[r]).item()}
-    st = C.minibatch_update(optimizer, mask, args, loss_fn, "token-mean")
+    with C.update_mode(gvm, args.grad_checkpointing):
+        st = C.minibatch_update(optimizer, mask, args, loss_fn, "token-mean")
     return {k: st.get(k, float("nan")) for k in ("value_loss", "explained_variance", "value_mean", "grad_norm",
                                                    "nan_skips")}
 
@@ -388,7 +388,7 @@ def train(args: Args):
 
         with timer("time_train"):
             # 2. the method: the frozen GVM's values, per-token rewards, GAE, whitened advantages
-            values = ppo.critic_values(gvm, batch, mbs)  # [B, L] V_GVM(s_t), raw
+            values = C.critic_values(gvm, batch, mbs)  # [B, L] V_GVM(s_t), raw
             old_logp = ref_logp = None
             if ref is not None:  # the KL reward needs log pi and log pi_ref of the sampled tokens
                 old_logp = C.logprobs_no_grad(policy, batch, args.temperature, args.logp_chunk, mbs)
@@ -403,6 +403,8 @@ def train(args: Args):
             # 3. the policy update; the GVM takes no step (the KL is in the reward, so out of the loss)
             metrics.update(C.policy_update(policy, optimizer, batch, adv, args, old_logp=old_logp))
             sampler.sync_weights(policy)
+            if ref is not None:  # the KL the reward paid (k1 of the sampled tokens), not the loss's (0 here)
+                metrics["kl"] = C.masked_mean(old_logp - ref_logp, mask).item()
 
         flat = correct.view(P, G)
         metrics.update(adv_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item(),

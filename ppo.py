@@ -22,7 +22,7 @@ What the method is
   policy (by default a copy of it), with its own forward, backward and AdamW moments every step.
 
 Equation -> function
-  per-token rewards (terminal score, KL penalty) .... token_rewards
+  per-token rewards (terminal score, KL penalty) .... common.token_rewards
   GAE, returns ...................................... common.gae
   whitening ......................................... common.masked_whiten
   clipped value loss / update ....................... common.value_loss, common.value_update
@@ -62,24 +62,6 @@ class Args(C.TrainArgs):
     value_clip: float = arg(0.2, "value-loss clip range c (0: plain squared error)")
     critic_warmup: int = arg(1, "first steps in which only the critic trains")
     whiten_adv: bool = arg(True, "whiten advantages over the batch's real tokens")
-
-
-def token_rewards(score: torch.Tensor, mask: torch.Tensor, logp=None, ref_logp=None, beta: float = 0.0):
-    """Per-token rewards [B, L]: the verifier's score on the last real token of each response, and, when
-    beta > 0, the KL penalty -beta * (log pi(y_t) - log pi_ref(y_t)) on every token (k1, as in PPO-RLHF)."""
-    last = mask.sum(-1).long().clamp(min=1) - 1  # [B] index of the last real token
-    r = torch.zeros_like(mask)
-    r[torch.arange(len(score)), last] = score.to(r.dtype)
-    if beta > 0:
-        r = r - beta * (logp - ref_logp) * mask
-    return r
-
-
-def critic_values(critic, batch, micro: int) -> torch.Tensor:
-    """V(s_t) for every response token, no gradient: [B, L]."""
-    with torch.no_grad():
-        B = batch["response_ids"].shape[0]
-        return torch.cat([critic(C.slice_batch(batch, slice(s, s + micro))) for s in range(0, B, micro)])
 
 
 def main(args: Args):
@@ -124,12 +106,12 @@ def main(args: Args):
 
         with timer("time_train"):
             # 2. the method: critic values, per-token rewards, GAE, whitened advantages
-            values = critic_values(critic, batch, mbs)  # [B, L]
+            values = C.critic_values(critic, batch, mbs)  # [B, L]
             old_logp = ref_logp = None
             if ref is not None:  # the KL penalty needs log pi and log pi_ref of the sampled tokens
                 old_logp = C.logprobs_no_grad(policy, batch, args.temperature, args.logp_chunk, mbs)
                 ref_logp = C.logprobs_no_grad(ref, batch, args.temperature, args.logp_chunk, mbs)
-            rewards = token_rewards(correct.to(dev), mask, old_logp, ref_logp, args.kl_coef)
+            rewards = C.token_rewards(correct.to(dev), mask, old_logp, ref_logp, args.kl_coef)
             adv, returns = C.gae(rewards, values, mask, args.gamma, args.lam)
             metrics = {"reward": rewards.sum(-1).mean().item(), "acc": correct.mean().item(),
                        "explained_variance": C.explained_variance(values, returns, mask),
@@ -143,6 +125,8 @@ def main(args: Args):
                 # the KL is already in the reward: keep it out of the loss (ref_logp=None)
                 metrics.update(C.policy_update(policy, optimizer, batch, adv, args, old_logp=old_logp))
                 sampler.sync_weights(policy)
+            if ref is not None:  # the KL the reward paid (k1 of the sampled tokens), not the loss's (0 here)
+                metrics["kl"] = C.masked_mean(old_logp - ref_logp, mask).item()
 
         flat = correct.view(P, G)
         metrics.update(adv_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item(),

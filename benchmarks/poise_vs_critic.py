@@ -73,8 +73,8 @@ def main():
     ca = ppo.Args(seed=a.seed, minibatch_size=32, micro_batch_size=16)
     mask = batch["response_mask"]
     for epoch in range(a.critic_epochs):
-        values = ppo.critic_values(critic, batch, ca.micro_batch_size)  # [B, L]
-        _, returns = C.gae(ppo.token_rewards(rewards.flatten(), mask), values, mask, ca.gamma, ca.lam)
+        values = C.critic_values(critic, batch, ca.micro_batch_size)  # [B, L]
+        _, returns = C.gae(C.token_rewards(rewards.flatten(), mask), values, mask, ca.gamma, ca.lam)
         st = C.value_update(critic, opt, batch, returns, values, ca, ca.value_clip)
         print(f"critic epoch {epoch + 1}: value_loss {st['value_loss']:.4f} ({time.perf_counter() - t0:.0f} s)",
               flush=True)
@@ -85,7 +85,7 @@ def main():
     h_roll, _, h_batch = rollouts(held, a.seed * 1_000_003 + 2)
     h_feats, _ = poise.features_pass(policy, h_batch, h_roll, tok, pa)
     pred = {"probe": poise.probe_predict(probe, h_feats).reshape(len(held), 2).mean(1),
-            "critic": ppo.critic_values(critic, h_batch, ca.micro_batch_size)[:, 0].view(len(held), 2).mean(1).numpy(),
+            "critic": C.critic_values(critic, h_batch, ca.micro_batch_size)[:, 0].view(len(held), 2).mean(1).numpy(),
             "train mean": np.full(len(held), rewards.mean().item())}
     res = {"model": a.model, "train_rollouts": len(roll), "heldout": len(held), "oracle_k": a.oracle_k,
            "heldout_p_mean": float(p_hat.mean()), "seconds": round(time.perf_counter() - t0)}

@@ -192,9 +192,9 @@ def sha(path):
 
 
 @pytest.fixture(scope="module")
-def both_stages(tmp_path_factory):
+def both_stages(module_dir):
     """`python dvpo.py` (no subcommand) on a tiny budget: stage 1 into OUT/gvm, then 2 policy steps."""
-    out = tmp_path_factory.mktemp("dvpo")
+    out = module_dir("dvpo")
     run(*STAGE1, *STAGE2, "--steps", "2", "--out", str(out))
     return out
 
@@ -266,10 +266,11 @@ def test_stage_1_resume_continues_exactly(both_stages, tmp_path):
 
 def test_paper_variant_and_pairs(both_stages, tmp_path):
     """The paper's reward setting runs (KL reward through a reference model); pairs alone can train a GVM."""
-    run("train", "--variant", "paper", "--gvm", str(both_stages / "gvm"), *STAGE2, "--steps", "1", "--oracle-k", "0",
-        "--out", str(tmp_path / "paper"))
-    r = rows(tmp_path / "paper" / "metrics.jsonl")[1]
-    assert r["kl"] is not None and r["grad_norm"] is not None
+    run("train", "--variant", "paper", "--gvm", str(both_stages / "gvm"), *STAGE2, "--steps", "2", "--oracle-k", "0",
+        "--eval-problems", "0", "--out", str(tmp_path / "paper"))
+    r = rows(tmp_path / "paper" / "metrics.jsonl")
+    assert r[0]["kl"] == 0.0 and r[0]["grad_norm"] > 0  # step 1: the policy is still the reference
+    assert r[1]["kl"] != 0.0  # step 2: the KL the reward paid, logged (not the loss's KL, which is 0 here)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"What is {a} + 1?", "chosen": f"\\boxed{{{a + 1}}}",
                                          "rejected": f"\\boxed{{{a}}}"}) + "\n" for a in range(4)))

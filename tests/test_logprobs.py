@@ -88,3 +88,32 @@ def test_hf_sampler_is_seeded_and_respects_min_tokens(tiny_lm, tiny_tok):
     r = s.generate(["5 6 7"], 3, 8, 1.0, seed=0, min_new_tokens=5)
     assert all(len(x.ids) >= 6 for x in r)  # 5 forced tokens, then eos
     assert all(x.finish == "stop" and x.ids[-1] == 1 for x in r)
+
+
+def test_grad_checkpointing_gives_the_same_update_and_returns_to_eval(tiny_lm):
+    """--grad-checkpointing changes memory, not numbers: the same step for the policy and for a ValueModel."""
+    import copy
+    from types import SimpleNamespace
+    rolls = [C.Rollout(0, [5, 6, 7][: 1 + i % 3], [10 + i, 11, 12, 13][: 2 + i % 3], "", [-1.0] * 4, "stop")
+             for i in range(4)]
+    batch = C.collate(rolls, pad_id=0)
+    adv = torch.tensor([1.0, -0.5, 0.3, -1.0])[:, None] * batch["response_mask"]
+    returns = torch.rand(4, batch["response_mask"].shape[1]) * batch["response_mask"]
+    out = []
+    for ckpt in (False, True):
+        args = SimpleNamespace(epochs=1, minibatch_size=0, micro_batch_size=2, seed=0, max_grad_norm=1e9, temperature=1.0,
+                               logp_chunk=4, eps_low=0.2, eps_high=0.2, dual_clip=0.0, loss_agg="token-mean",
+                               max_new_tokens=4, kl_coef=0.0, kl_type="k3", grad_checkpointing=ckpt)
+        torch.manual_seed(0)  # the same random head in both runs
+        policy, critic = copy.deepcopy(tiny_lm), C.ValueModel(copy.deepcopy(tiny_lm))
+        torch.nn.init.normal_(critic.head.weight, std=0.5)
+        C.policy_update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, args)
+        C.value_update(critic, torch.optim.SGD(critic.parameters(), lr=1.0), batch, returns,
+                       returns * 0, args, clip=0.0)
+        assert not policy.training and not critic.backbone.training  # eval again: the sampler keeps its KV cache
+        assert policy.is_gradient_checkpointing == ckpt
+        out.append((policy, critic))
+    for a, b in zip(out[0], out[1]):
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+            assert torch.allclose(pa, pb, atol=1e-6), name
+    assert not torch.allclose(out[0][0].model.layers[0].mlp.up_proj.weight, tiny_lm.model.layers[0].mlp.up_proj.weight)

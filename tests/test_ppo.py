@@ -14,16 +14,16 @@ from conftest import ROOT
 
 def test_token_rewards_put_the_score_on_the_last_real_token():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    r = ppo.token_rewards(torch.tensor([1.0, 0.0]), mask)
+    r = C.token_rewards(torch.tensor([1.0, 0.0]), mask)
     assert r.tolist() == [[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
-    r = ppo.token_rewards(torch.tensor([0.0, 1.0]), mask)
+    r = C.token_rewards(torch.tensor([0.0, 1.0]), mask)
     assert r.tolist() == [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
 
 
 def test_token_rewards_kl_penalty_per_token():
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     logp, ref = torch.tensor([[-1.0, -2.0, -9.0]]), torch.tensor([[-1.5, -1.0, -9.0]])
-    r = ppo.token_rewards(torch.tensor([1.0]), mask, logp, ref, beta=0.1)
+    r = C.token_rewards(torch.tensor([1.0]), mask, logp, ref, beta=0.1)
     # -beta * (logp - ref) = [-0.05, +0.1], + score 1 on the last real token, padding stays 0
     assert torch.allclose(r, torch.tensor([[-0.05, 1.1, 0.0]]))
 
