@@ -29,6 +29,7 @@ Equation -> function
   b_i, t_i, RLOO (leave-one-out means) .. leave_one_out
   A_i = r_i - b_i ....................... poise_advantages
   FIFO of whole groups .................. fifo_append
+  non-finite features (ours) ............ finite_groups, probe_or_rloo
 
 Choices that are ours, not the paper's
   - The features need a no-grad forward over the batch before the update (advantages must exist before the
@@ -46,6 +47,9 @@ Choices that are ours, not the paper's
   - probe_r / probe_mae: this step's predictions (probe from before the refit) against t_i, the target the
     probe is trained on (the release's regression diagnostics do the same). probe_r is null when either side
     has no spread.
+  - A group with a non-finite feature (a bf16 overflow on a GPU, say) stays out of the buffer, where it would
+    break every later refit, and takes RLOO's baseline this step (finite_groups, probe_or_rloo); counted in
+    nonfinite_groups.
   - CPU defaults: 8 prompts x 2 rollouts (16 rollouts a step; the release: 256 x 2) and 20 steps, so the
     default run keeps the release's warm-up (8) and RLOO (16) schedule and fits ~10 minutes on 2 cores.
 """
@@ -234,6 +238,17 @@ def poise_advantages(rewards: torch.Tensor, values: torch.Tensor | None = None) 
     return rewards - leave_one_out(rewards if values is None else values)
 
 
+def finite_groups(F: np.ndarray, n: int) -> np.ndarray:
+    """F [B, k] feature rows in groups of n -> [B // n] bool: every row of the group is finite."""
+    return np.isfinite(F).all(1).reshape(-1, n).all(1)
+
+
+def probe_or_rloo(values: torch.Tensor, rewards: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """values [N, n] = g(z), rewards [N, n], ok [N] -> [N, n]: a group whose features were not finite gets its
+    rewards in place of g(z), so poise_advantages gives it RLOO's baseline (ours; the release has no such case)."""
+    return torch.where(ok[:, None], values, rewards)
+
+
 def pearson(a, b) -> float:
     """Pearson correlation of two [N] arrays; NaN (logged as null) when either has no spread."""
     a, b = np.asarray(a, float), np.asarray(b, float)
@@ -267,7 +282,7 @@ def main(args: Args):
         start, stream.cursor = state["step"], state["extra"]["cursor"]
         buf_X, buf_y = state["extra"]["buffer_X"], state["extra"]["buffer_y"]
     fit = lambda: fit_probe(buf_X, buf_y, d, args.prompt_pca, args.response_pca, args.ridge_alpha)  # noqa: E731
-    if start >= args.warmup_steps and buf_y is not None:
+    if start >= args.warmup_steps and buf_y is not None and len(buf_y):
         probe = fit()  # closed form on the saved buffer: the same probe the run had
     sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
     logger = C.RunLogger(args.out, resume_step=start)
@@ -290,14 +305,18 @@ def main(args: Args):
         with timer("time_features"):
             feats, old_logp = features_pass(policy, batch, roll, tok, args)  # [B, 2d+3], [B, L]
         targets = leave_one_out(rewards)  # t_i: [N, n]
+        ok = finite_groups(feats, n)  # [N]: groups whose features can enter the probe
         g = torch.tensor(probe_predict(probe, feats), dtype=torch.float32).view(P, n) if probe is not None else None
+        if g is not None:
+            g = probe_or_rloo(g, rewards, torch.from_numpy(ok))
         use_probe = g is not None and step > args.rloo_steps
         adv = poise_advantages(rewards, g if use_probe else None)  # [N, n]
         baseline = rewards - adv
         metrics = {"reward": rewards.mean().item(), "acc": rewards.mean().item(), "adv_std": adv.std().item(),
                    "frac_reward_zero_std": (rewards.max(-1).values == rewards.min(-1).values).float().mean().item(),
                    "rollouts": len(roll), "tokens": int(batch["response_mask"].sum()), "no_answer": no_answer,
-                   "resp_len": batch["response_mask"].sum(-1).mean().item(), "probe_used": float(use_probe)}
+                   "resp_len": batch["response_mask"].sum(-1).mean().item(), "probe_used": float(use_probe),
+                   "nonfinite_groups": int((~ok).sum())}
         metrics.update(probe_r=pearson(g.flatten(), targets.flatten()) if g is not None else None,
                        probe_mae=float((g - targets).abs().mean()) if g is not None else None)
         if args.oracle_k > 0:  # diagnostic only: the per-prompt baseline and the probe vs a Monte-Carlo p(x)
@@ -310,8 +329,9 @@ def main(args: Args):
 
         # 3. the probe's rows (z_i, t_i) into the buffer; refit from scratch once the warm-up has filled it
         with timer("time_probe"):
-            buf_X, buf_y = fifo_append(buf_X, buf_y, feats, targets.flatten().numpy(), args.buffer, n)
-            if step >= args.warmup_steps:
+            rows = np.repeat(ok, n)  # [B]: whole finite groups only
+            buf_X, buf_y = fifo_append(buf_X, buf_y, feats[rows], targets.flatten().numpy()[rows], args.buffer, n)
+            if step >= args.warmup_steps and len(buf_y):
                 probe = fit()
         metrics["buffer_rows"] = len(buf_y)
 

@@ -132,6 +132,21 @@ def test_fifo_drops_whole_oldest_groups():
     assert (X[:, 0] == [2, 2, 3, 3, 3, 3]).all()
 
 
+def test_a_group_with_a_non_finite_feature_is_kept_out_and_gets_rloo():
+    F = np.ones((6, 3))
+    F[3, 1] = np.nan  # rollout 1 of group 1 (n = 2)
+    F[4, 0] = np.inf  # rollout 0 of group 2
+    ok = poise.finite_groups(F, 2)
+    assert ok.tolist() == [True, False, False]
+    rewards, g = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.3, 0.6], [float("nan"), 0.2], [0.5, 0.5]])
+    adv = poise.poise_advantages(rewards, poise.probe_or_rloo(g, rewards, torch.from_numpy(ok)))
+    assert torch.allclose(adv[0], torch.tensor([1 - 0.6, 0 - 0.3]))  # the probe's cross-rollout baseline
+    assert torch.equal(adv[1:], poise.poise_advantages(rewards[1:]))  # RLOO: finite, whatever g said
+    # and a probe refit on the finite groups alone stays finite
+    X, y = poise.fifo_append(None, None, F[np.repeat(ok, 2)], np.arange(6.0)[np.repeat(ok, 2)], cap=8, n=2)
+    assert np.isfinite(X).all() and y.tolist() == [0.0, 1.0]
+
+
 # ---------------------------------------------------------------- features
 
 
@@ -196,8 +211,8 @@ def test_group_of_one_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def poise_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("poise")
+def poise_run(module_dir):
+    out = module_dir("poise")
     run(*TINY, "--oracle-k", "2", "--out", str(out))
     return out
 
@@ -210,6 +225,7 @@ def test_three_steps_log_the_poise_metrics(poise_run):
         assert x["probe_mae"] is not None and x["oracle_probe_mae"] is not None
     assert [x["probe_used"] for x in r[1:]] == [0.0, 0.0, 1.0]  # RLOO for --rloo-steps 2, then the probe
     assert [x["buffer_rows"] for x in r[1:]] == [4, 8, 12]
+    assert [x["nonfinite_groups"] for x in r[1:]] == [0, 0, 0]
     for x in r[1:]:
         for key in ("rollouts", "acc", "baseline_mse", "time_features"):
             assert x[key] is not None, key
