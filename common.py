@@ -344,12 +344,16 @@ class ProblemStream:
 INSTRUCTION = "Put the final answer in \\boxed{}."
 
 
-def build_prompt(tok, problem: Problem) -> str:
-    """Chat template (when the tokenizer has one) + the instruction to box the final answer."""
-    content = f"{problem.question}\n{INSTRUCTION}"
+def chat_prompt(tok, content: str) -> str:
+    """One user message in the tokenizer's chat template (plain 'Question: ... Answer:' when it has none)."""
     if tok.chat_template:
         return tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
     return f"Question: {content}\nAnswer:"
+
+
+def build_prompt(tok, problem: Problem) -> str:
+    """The policy's prompt: the problem and the instruction to box the final answer, in the chat template."""
+    return chat_prompt(tok, f"{problem.question}\n{INSTRUCTION}")
 
 
 # -------------------- Sampling: one interface, two backends --------------------------------------
@@ -363,6 +367,11 @@ class Rollout:
     text: str
     logprobs: list[float]  # the sampler's log-probs of `ids` under softmax(logits / T)
     finish: str  # "stop" (eos) or "length"
+
+
+def _prompt_ids(tok, prompt: str | list[int]) -> list[int]:
+    """A prompt as text, or already as token ids (a prefix to continue from, say): ids either way."""
+    return list(prompt) if isinstance(prompt, (list, tuple)) else tok(prompt, add_special_tokens=False)["input_ids"]
 
 
 class HFSampler:
@@ -381,7 +390,7 @@ class HFSampler:
     def generate(self, prompts: list[str], n: int | list[int], max_new_tokens: int, temperature: float = 1.0,
                  seed: int = 0, min_new_tokens: int = 0, desc: str | None = None) -> list[Rollout]:
         ns = [n] * len(prompts) if isinstance(n, int) else list(n)
-        enc = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        enc = [_prompt_ids(self.tok, p) for p in prompts]
         jobs = [(i, enc[i]) for i in range(len(prompts)) for _ in range(ns[i])]
         gen = torch.Generator().manual_seed(seed)
         out = []
@@ -461,7 +470,7 @@ class VLLMSampler:
         from vllm import SamplingParams
         ns = [n] * len(prompts) if isinstance(n, int) else list(n)
         keep = [i for i in range(len(prompts)) if ns[i] > 0]
-        inputs = [{"prompt_token_ids": self.tok(prompts[i], add_special_tokens=False)["input_ids"]} for i in keep]
+        inputs = [{"prompt_token_ids": _prompt_ids(self.tok, prompts[i])} for i in keep]
         params = [SamplingParams(n=ns[i], temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
                                  min_tokens=min_new_tokens, logprobs=0, seed=seed + i) for i in keep]
         # Submit in waves whose prompts fit one scheduler step: a seeded request whose prefill gets split

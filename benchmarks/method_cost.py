@@ -6,9 +6,12 @@ prompts, group size and response length; the first step is warm-up and left out 
     python benchmarks/method_cost.py                       # grpo vs ppo, 8 prompts x 4 rollouts x 32 tokens
     python benchmarks/method_cost.py --methods grpo ppo --steps 4 --new-tokens 64
     python benchmarks/method_cost.py --methods ppo dvpo     # DVPO's claim: its stage 2 against PPO
+    python benchmarks/method_cost.py --methods ppo genac    # GenAC's cost: its joint stage against PPO
 
 dvpo runs its stage 2 (`dvpo.py train`) against a GVM made first by a small, untimed stage 1: DVPO pays
 for the GVM once, not per policy step, and a GVM's cost per step does not depend on how well it was trained.
+genac runs its stage 3 (`genac.py train`) from a critic given a small, untimed SFT first, so that it writes
+answers of its trained length (a zero-shot critic rambles to its token limit, which would time something else).
 
 Prints one line per method, then the ratios against the first method. Peak memory is the process's
 peak RSS on CPU (GPU: max allocated), so it includes the Python runtime and libraries (about 0.5 GB).
@@ -25,19 +28,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def method_command(method, a, tmp: Path) -> list[str]:
-    if method != "dvpo":
+    """The command whose steps are timed; dvpo and genac first make, untimed, what their stage 2/3 starts from."""
+    if method not in ("dvpo", "genac"):
         return [sys.executable, str(ROOT / f"{method}.py")]
-    gvm = tmp / "gvm"
-    p = subprocess.run([sys.executable, str(ROOT / "dvpo.py"), "pretrain", "--collect-problems", "8", "--collect-n", "2",
-                        "--max-new-tokens", str(a.new_tokens), "--seed", str(a.seed), "--out", str(gvm)],
+    first = {"dvpo": ["pretrain", "--collect-problems", "8", "--collect-n", "2"],
+             "genac": ["sft", "--sft-problems", "8", "--sft-n", "2", "--sft-epochs", "1"]}[method]
+    p = subprocess.run([sys.executable, str(ROOT / f"{method}.py"), *first, "--max-new-tokens", str(a.new_tokens),
+                        "--seed", str(a.seed), "--out", str(tmp / "stage1"), *a.extra],
                        capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
-        raise SystemExit(f"dvpo pretrain failed:\n{p.stderr[-2000:]}")
-    return [sys.executable, str(ROOT / "dvpo.py"), "train", "--gvm", str(gvm)]
+        raise SystemExit(f"{method} {first[0]} failed:\n{p.stderr[-2000:]}")
+    if method == "dvpo":
+        return [sys.executable, str(ROOT / "dvpo.py"), "train", "--gvm", str(tmp / "stage1")]
+    return [sys.executable, str(ROOT / "genac.py"), "train", "--critic", str(tmp / "stage1" / "ckpt" / "critic")]
 
 
 def run_method(method, a, out):
-    cmd = [*method_command(method, a, out.parent), "--steps", str(a.steps), "--prompts-per-step", str(a.prompts),
+    cmd = [*method_command(method, a, out.parent / f"{method}_stage1"), "--steps", str(a.steps), "--prompts-per-step", str(a.prompts),
            "--group-size", str(a.group), "--max-new-tokens", str(a.new_tokens), "--eval-problems", "0",
            "--seed", str(a.seed), "--out", str(out), *a.extra]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

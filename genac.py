@@ -1,0 +1,453 @@
+"""GenAC: a generative critic that reasons in text before it scores, with In-Context Conditioning.
+
+Paper
+  Generative Actor-Critic: reviving value models for LLM RL with a generative critic (Shan, Zhong, Wang,
+  Zhao), arXiv 2604.10701 (no official code found)
+
+What the method is
+  PPO's critic maps a state s_t = (x, y_<t) to a scalar in one forward pass. GenAC's critic is a language
+  model that keeps its LM head: prompted with the problem and the actor's partial response, it writes a
+  short judgement (difficulty, progress or errors so far, chance of success) and ends with an integer
+  k in 0..10, read as the value v = k / 10 of that state. In-Context Conditioning (ICC) puts facts about
+  the actor into the critic's prompt: its name and size, a smoothed running average of its success rate,
+  and the tokens left in its budget, so one critic stays calibrated while the actor changes.
+      prompt(s_t, ICC) -> critic writes "... <answer>k</answer>"  ->  v(s_t) = clamp(k, 0, 10) / 10
+  Three stages:
+      1. SFT     (`genac.py sft`)      cross-entropy on traces whose final integer is a Monte-Carlo success
+                                       rate of the state, measured from rollouts of the actor
+      2. RL pre-training (`pretrain`) actor frozen; REINFORCE on the critic's own tokens with reward
+                                       R_v = 1 - (r - v)^2  (r the rollout's verified outcome; 0 if malformed)
+      3. joint   (`train`)             PPO: the critic is queried at segment boundaries of each response,
+                                       segment-level GAE gives the actor's advantages, and the critic keeps
+                                       taking REINFORCE steps on R_v with the fresh outcomes
+  Segment-level GAE, over boundaries b_0 = 0 < b_1 < ... < b_{K-1} = T-1 (every --segment tokens and the
+  final token), values V_k = v(s_{b_k}), the verified reward r after the last token (V_K = 0):
+      delta_k = [k = K-1] r + gamma V_{k+1} - V_k,     A_k = delta_k + gamma lambda A_{k+1}
+  and every token of segment k, [b_k, b_{k+1}), takes A_k.
+
+Equation -> function
+  the critic's prompt, with / without ICC ......... critic_prompt, icc_facts
+  parse, clamp, / 10 .............................. parse_value
+  R_v = 1 - (r - v)^2 ............................. critic_reward
+  boundaries, segment GAE, to tokens .............. segment_bounds, segment_gae, segment_advantages
+  stage 1 targets ................................. sft_trace (a Monte-Carlo rate in a template)
+  querying the critic, with the fallback .......... query_critic
+  REINFORCE on the critic's tokens ................ critic_update (common.policy_update, ratio 1)
+
+Choices that are ours, not the paper's
+  - No oracle model is available offline, so stage 1's traces are honest templates, not reasoning: the
+    "difficulty" word is read off the measured rate, "progress" off the partial text (a boxed answer or not),
+    and the integer is round(10 * p_MC). p_MC of the empty state is the mean of --sft-n rollouts of the
+    problem; of a later state, the mean over that rollout and --sft-continuations fresh continuations from
+    its prefix (all samples of the actor from that very state); of the final token's state, the rollout's own
+    outcome (one token is left, nearly always eos).
+  - An unparsable critic output takes the ICC running mean as its value (the fallback PAPERS.md suggests)
+    and reward 0; it is counted in critic_parse_fail. Several <answer> tags that disagree are unparsable
+    (hedging earns nothing); several that agree count once.
+  - One critic sample per state (--critic-temperature) serves both as the value for GAE and as the
+    REINFORCE sample, so stage 3 generates once per state. REINFORCE uses the step's mean R_v as its
+    baseline (variance only; the paper names REINFORCE without saying which baseline) and, for the CPU
+    budget, trains on --critic-batch of the step's answers drawn at random (0: all of them).
+  - The "final token" boundary is the state before the last response token, b = T-1; the state after it
+    is terminal, with value 0 and reward r, so a critic that reads a finished answer acts as a verifier.
+  - The running success rate is an EMA of each batch's accuracy, ema <- a * ema + (1 - a) * acc
+    (a = --icc-ema); it travels with the critic's checkpoint into the next stage, and starts at 0.5 for a
+    critic that has none. Model size is counted from the actor's parameters.
+  - CPU defaults: stage 1 on 16 problems x 4 rollouts, one continuation per mid-response state, one epoch;
+    stage 2, 3 steps of 16 rollouts; stage 3, 12 steps of 16 prompts x 1 rollout, --segment 24 with 48-token
+    responses (three queries a rollout), 32-token critic answers, 16 of them trained on per step, so
+    `python genac.py` fits 20 minutes on 2 cores (a critic prompt is ~200 tokens: the critic's update, not
+    its generation, is what costs).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common as C
+from common import arg
+
+
+@dataclass
+class Args(C.TrainArgs):
+    """GenAC: PPO whose critic is a language model that reasons, then scores 0..10, with In-Context Conditioning."""
+    steps: int = arg(12, "stage 3: policy updates")
+    prompts_per_step: int = arg(16, "prompts per step (stages 2 and 3)")
+    group_size: int = arg(1, "rollouts per prompt (GenAC needs no groups)")
+    critic: str = arg("", "the critic to start from: a model folder (a stage's OUT/ckpt/critic) or name; '' = a "
+                      "copy of --model (zero-shot). With no subcommand each stage passes its critic to the next")
+    segment: int = arg(24, "query the critic every N response tokens (and before the final token)")
+    critic_max_tokens: int = arg(32, "the critic's output length limit (tokens)")
+    critic_temperature: float = arg(0.7, "the critic's sampling temperature")
+    critic_lr: float = arg(2e-5, "critic AdamW learning rate (stages 2 and 3)")
+    critic_batch: int = arg(16, "critic answers per REINFORCE step, drawn at random from the step's (0: all)")
+    icc: bool = arg(True, "In-Context Conditioning: actor name and size, its running success rate, tokens left "
+                    "(--no-icc for the ablation; use the same setting in every stage)")
+    icc_ema: float = arg(0.9, "smoothing a of the running success rate: ema <- a * ema + (1 - a) * batch accuracy")
+    gamma: float = arg(1.0, "discount per segment")
+    lam: float = arg(0.95, "segment-level GAE lambda")
+    whiten_adv: bool = arg(True, "whiten the actor's advantages over the batch's real tokens")
+    # stage 1 and 2
+    sft_problems: int = arg(16, "stage 1: problems of --data to collect traces on")
+    sft_n: int = arg(4, "stage 1: rollouts per problem")
+    sft_continuations: int = arg(1, "stage 1: extra rollouts from each mid-response state's prefix (its Monte-Carlo "
+                                 "rate)")
+    sft_epochs: int = arg(1, "stage 1: passes over the traces")
+    sft_lr: float = arg(1e-4, "stage 1: critic AdamW learning rate")
+    pretrain_steps: int = arg(3, "stage 2: REINFORCE steps of the critic with the actor frozen")
+
+
+# ------------------------------------------------------------------------------------------------
+# The critic's interface: prompt, parse, reward (pure functions)
+# ------------------------------------------------------------------------------------------------
+
+ANSWER = re.compile(r"<answer>\s*(-?\d+(?:\.\d+)?)\s*</answer>")
+
+
+def icc_facts(name: str, n_params: int, rate: float, left: int) -> str:
+    """The In-Context Conditioning line: who the actor is, how often it succeeds lately, what budget is left."""
+    size = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{round(n_params / 1e6)}M"
+    return (f"The actor is {name} ({size} parameters). Its recent success rate is {round(100 * rate)}%. "
+            f"It has {left} tokens left.")
+
+
+def critic_prompt(question: str, partial: str, icc: str | None) -> str:
+    """The user message the critic answers (the chat template goes around it)."""
+    lines = ["An actor model is solving the problem below. Estimate the chance that it ends with the correct answer."]
+    if icc:
+        lines.append(icc)
+    lines += [f"Problem: {question}", f"Actor's response so far: {partial.strip() or '(nothing yet)'}",
+              "Judge the problem's difficulty, check the response for progress or errors, then give the chance "
+              "of success as an integer k from 0 to 10, written <answer>k</answer>."]
+    return "\n".join(lines)
+
+
+def parse_value(text: str) -> float | None:
+    """'... <answer>7</answer>' -> 0.7; clamped to [0, 10] before / 10; None when there is no tag, or several
+    tags that disagree."""
+    found = {min(max(float(k), 0.0), 10.0) for k in ANSWER.findall(text)}
+    return found.pop() / 10 if len(found) == 1 else None
+
+
+def critic_reward(r: float, v: float | None) -> float:
+    """R_v = 1 - (r - v)^2 for a parsed value v in [0, 1] and the verified outcome r in {0, 1}; 0 when malformed."""
+    return 0.0 if v is None else 1.0 - (r - v) ** 2
+
+
+def sft_trace(p: float, partial: str) -> str:
+    """A stage 1 target: a template rationale (ours; no oracle model offline) ending in round(10 p)."""
+    difficulty = "easy" if p >= 0.7 else "moderate" if p >= 0.3 else "hard"
+    progress = ("a boxed answer is written" if "\\boxed" in partial else "work has started" if partial.strip()
+                else "nothing is written yet")
+    return f"Difficulty: {difficulty} for this actor. Progress: {progress}. <answer>{round(10 * p)}</answer>"
+
+
+# ------------------------------------------------------------------------------------------------
+# Segment-level credit assignment (pure functions)
+# ------------------------------------------------------------------------------------------------
+
+
+def segment_bounds(T: int, segment: int) -> list[int]:
+    """Positions b (states s_b = x + y_<b) where the critic is asked: 0, N, 2N, ... below T-1, and T-1."""
+    return sorted(set(range(0, max(T - 1, 0), segment)) | {max(T - 1, 0)})
+
+
+def segment_gae(values: list[float], r: float, gamma: float = 1.0, lam: float = 0.95) -> list[float]:
+    """V_0..V_{K-1} at the boundaries, terminal reward r -> A_0..A_{K-1}:
+    delta_k = [k = K-1] r + gamma V_{k+1} - V_k (V_K = 0),  A_k = delta_k + gamma lambda A_{k+1}."""
+    adv, nxt_v, nxt_a = [0.0] * len(values), 0.0, 0.0
+    for k in reversed(range(len(values))):
+        delta = (r if k == len(values) - 1 else 0.0) + gamma * nxt_v - values[k]
+        nxt_a = delta + gamma * lam * nxt_a
+        adv[k], nxt_v = nxt_a, values[k]
+    return adv
+
+
+def segment_advantages(bounds: list[int], adv: list[float], T: int, L: int) -> torch.Tensor:
+    """Spread A_k over the tokens of segment k, [b_k, b_{k+1}); padding after T gets 0: [L]."""
+    out = torch.zeros(L)
+    for k, b in enumerate(bounds):
+        out[b:bounds[k + 1] if k + 1 < len(bounds) else T] = adv[k]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Querying and training the critic
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    """A state s_b of one actor rollout, as the critic sees it."""
+    question: str
+    partial: str  # the actor's first b response tokens, decoded
+    left: int  # tokens left in the actor's budget
+    outcome: float = 0.0  # the verified reward of the rollout it belongs to (what R_v compares with)
+
+
+def critic_inputs(tok, states: list[State], args, actor: tuple[str, int], ema: float) -> list[list[int]]:
+    """Token ids of each state's critic prompt (chat template), with ICC facts unless --no-icc."""
+    return [tok(C.chat_prompt(tok, critic_prompt(s.question, s.partial, icc_facts(*actor, ema, s.left)
+                                                  if args.icc else None)), add_special_tokens=False)["input_ids"]
+            for s in states]
+
+
+def query_critic(sampler, tok, states: list[State], args, actor, ema: float, seed: int):
+    """One critic sample per state -> (values [N] with the EMA where unparsable, parsed mask [N], rollouts)."""
+    roll = sampler.generate(critic_inputs(tok, states, args, actor, ema), 1, args.critic_max_tokens,
+                            args.critic_temperature, seed=seed)
+    parsed = [parse_value(r.text) for r in roll]
+    return (torch.tensor([ema if v is None else v for v in parsed]), torch.tensor([v is not None for v in parsed]),
+            roll)
+
+
+def critic_update(critic, optimizer, roll: list[C.Rollout], rewards: torch.Tensor, args, pad_id: int, dev,
+                  seed: int) -> dict:
+    """REINFORCE on the critic's generated tokens: grad = -(R_v - mean R_v) grad log pi_critic(output),
+    through common.policy_update with one pass (ratio 1: the clipped surrogate is exactly REINFORCE), on
+    --critic-batch of the answers drawn at random (the baseline is the mean over all of them)."""
+    adv = rewards - rewards.mean()  # [N]
+    keep = torch.randperm(len(roll), generator=torch.Generator().manual_seed(seed))[:args.critic_batch or len(roll)]
+    batch = C.collate([roll[i] for i in keep], pad_id, dev)
+    adv = adv[keep].to(dev)[:, None] * batch["response_mask"]  # [n, L]
+    cargs = dataclasses.replace(args, temperature=args.critic_temperature, max_new_tokens=args.critic_max_tokens,
+                                epochs=1, minibatch_size=0, kl_coef=0.0, loss_agg="token-mean")
+    st = C.policy_update(critic, optimizer, batch, adv, cargs)
+    return {"critic_grad_norm": st.get("grad_norm", float("nan")), "critic_nan_skips": st["nan_skips"]}
+
+
+def states_of(tok, probs: list[C.Problem], roll: list[C.Rollout], outcomes, args) -> tuple[list[State], list[list[int]]]:
+    """Every rollout's boundary states, flat, and each rollout's boundaries."""
+    states, bounds = [], []
+    for r, y in zip(roll, outcomes):
+        b = segment_bounds(len(r.ids), args.segment)
+        bounds.append(b)
+        states += [State(probs[r.prompt_idx].question, tok.decode(r.ids[:t], skip_special_tokens=True),
+                         args.max_new_tokens - t, float(y)) for t in b]
+    return states, bounds
+
+
+def monte_carlo_states(sampler, tok, probs: list[C.Problem], args) -> tuple[list[State], np.ndarray, float]:
+    """Stage 1's states and their Monte-Carlo success rates p_MC, from the actor's own samples:
+      the empty state of each problem ........ the mean of --sft-n rollouts
+      a mid-response state of a rollout ...... the mean over the rollout and --sft-continuations fresh
+                                               continuations from its prefix (each cut to the state's budget)
+      the final token's state ................ the rollout's own outcome (one token is left, nearly always eos)
+    Also returns the rollouts' success rate: the running mean ICC shows in the traces."""
+    n, m = args.sft_n, args.sft_continuations
+    roll = sampler.generate([C.build_prompt(tok, p) for p in probs], n, args.max_new_tokens, args.temperature,
+                            seed=args.seed * 1_000_003 + 11, desc="sft rollouts")
+    y, _ = C.score([r.text for r in roll], [probs[r.prompt_idx].answer for r in roll])
+    p_empty = np.bincount([r.prompt_idx for r in roll], weights=y, minlength=len(probs)) / n
+    later = [(r, t, yi) for r, yi in zip(roll, y) for t in segment_bounds(len(r.ids), args.segment)[1:]]
+    mid = [x for x in later if x[1] < len(x[0].ids) - 1]
+    final = [x for x in later if x[1] == len(x[0].ids) - 1]
+    hits = np.array([yi for _, _, yi in mid], float)  # the rollout itself is one sample from its state
+    if m and mid:
+        limit = args.max_new_tokens - min(t for _, t, _ in later)  # >= every mid state's budget
+        cont = sampler.generate([r.prompt_ids + r.ids[:t] for r, t, _ in mid], m, limit, args.temperature,
+                                seed=args.seed * 1_000_003 + 13, desc="continuations")
+        full = [mid[c.prompt_idx][0].ids[:mid[c.prompt_idx][1]] + c.ids[:args.max_new_tokens - mid[c.prompt_idx][1]]
+                for c in cont]
+        cy, _ = C.score([tok.decode(ids, skip_special_tokens=True) for ids in full],
+                        [probs[mid[c.prompt_idx][0].prompt_idx].answer for c in cont])
+        np.add.at(hits, [c.prompt_idx for c in cont], cy)
+    states = [State(p.question, "", args.max_new_tokens) for p in probs] + \
+             [State(probs[r.prompt_idx].question, tok.decode(r.ids[:t], skip_special_tokens=True),
+                    args.max_new_tokens - t) for r, t, _ in mid + final]
+    p_mc = np.concatenate([p_empty, hits / (1 + m), [yi for _, _, yi in final]])
+    return states, p_mc, float(np.mean(y))
+
+
+# ------------------------------------------------------------------------------------------------
+# The three stages
+# ------------------------------------------------------------------------------------------------
+
+
+def setup(args: Args, trainable_actor: bool):
+    """The actor (policy), the critic (--critic, or a copy of the policy), their samplers, the ICC facts and
+    the running success rate the critic's checkpoint carries (0.5 when it has none)."""
+    dev, dtype = C.pick_device(args.device, args.dtype)
+    C.seed_everything(args.seed)
+    policy, tok, path = C.load_model(args.model, dev, dtype)
+    if not trainable_actor:
+        policy.requires_grad_(False)
+    if args.critic:
+        critic, ctok, cpath = C.load_model(args.critic, dev, dtype)
+        if ctok.get_vocab() != tok.get_vocab():
+            raise SystemExit(f"--critic {args.critic}: its tokenizer differs from the actor's")
+    else:
+        critic, cpath = copy.deepcopy(policy).requires_grad_(True), path
+    state = Path(args.critic) / ".." / "state.pt" if args.critic else None
+    ema = torch.load(state, weights_only=False)["extra"].get("ema", 0.5) if state and state.exists() else 0.5
+    actor = (Path(args.model).name if Path(args.model).exists() else args.model,
+             sum(p.numel() for p in policy.parameters()))
+    return dev, dtype, policy, tok, path, critic, cpath, ema, actor
+
+
+def sft(args: Args) -> Path:
+    """Stage 1: collect rollouts, measure Monte-Carlo success rates of their boundary states, write template
+    traces, and fine-tune the critic on them (cross-entropy on the trace tokens)."""
+    dev, dtype, policy, tok, path, critic, cpath, _, actor = setup(args, trainable_actor=False)
+    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+    probs = C.ProblemStream(C.load_problems(args.data), args.seed + 1).take(args.sft_problems)  # not stage 3's order
+    states, p_mc, ema = monte_carlo_states(sampler, tok, probs, args)
+    del sampler
+    eos = C.eos_ids(critic, tok)[0]
+    targets = [tok(sft_trace(p, s.partial), add_special_tokens=False)["input_ids"] + [eos] for s, p in zip(states, p_mc)]
+    seqs = [C.Rollout(0, ids, t, "", [0.0] * len(t), "stop")
+            for ids, t in zip(critic_inputs(tok, states, args, actor, ema), targets)]
+
+    optimizer = torch.optim.AdamW(critic.parameters(), lr=args.sft_lr, weight_decay=0.0)
+    logger = C.RunLogger(args.out)
+    logger.CONSOLE = ["sft_loss", "sft_rows", "time_step"]
+    one = dataclasses.replace(args, epochs=1, minibatch_size=0)
+    per_epoch = -(-len(seqs) // args.micro_batch_size)
+    logger.log(0, {"sft_rows": len(seqs), "actor_acc": ema, "p_mc_mean": float(p_mc.mean())})
+    for step in C.tqdm(range(1, per_epoch * args.sft_epochs + 1), desc="genac sft"):
+        t0 = time.perf_counter()
+        epoch, i = divmod(step - 1, per_epoch)
+        order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(args.seed * 31 + epoch))
+        batch = C.collate([seqs[j] for j in order[i * args.micro_batch_size:(i + 1) * args.micro_batch_size]],
+                          tok.pad_token_id, dev)
+
+        def loss_fn(r):  # -mean log p(trace token): teacher forcing on the template
+            lp = C.forward_logprobs(critic, C.slice_batch(batch, r), 1.0, args.logp_chunk)["logp"]
+            loss = -C.masked_mean(lp, batch["response_mask"][r])
+            return loss, {"sft_loss": loss.item()}
+        st = C.minibatch_update(optimizer, batch["response_mask"], one, loss_fn)
+        logger.log(step, {**st, "time_step": time.perf_counter() - t0})
+    C.save_checkpoint(args.out, per_epoch * args.sft_epochs, {"critic": (critic, optimizer)}, {"ema": ema})
+    return Path(args.out) / "ckpt" / "critic"
+
+
+def pretrain(args: Args) -> Path:
+    """Stage 2: the actor frozen; the critic answers for fresh rollouts' boundary states and takes REINFORCE
+    steps on R_v = 1 - (r - v)^2."""
+    dev, dtype, policy, tok, path, critic, cpath, ema, actor = setup(args, trainable_actor=False)
+    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+    csampler = C.make_sampler(args.sampler, critic, tok, cpath, dtype, args.seed + 1)
+    optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
+    stream = C.ProblemStream(C.load_problems(args.data), args.seed + 2)
+    logger = C.RunLogger(args.out)
+    logger.CONSOLE = ["acc", "critic_mse", "critic_reward", "critic_parse_fail", "time_step"]
+    for step in C.tqdm(range(1, args.pretrain_steps + 1), desc="genac pretrain"):
+        t0 = time.perf_counter()
+        probs = stream.take(args.prompts_per_step)
+        roll = sampler.generate([C.build_prompt(tok, p) for p in probs], args.group_size, args.max_new_tokens,
+                                args.temperature, seed=args.seed * 1_000_003 + step * 101)
+        y, _ = C.score([r.text for r in roll], [probs[r.prompt_idx].answer for r in roll])
+        states, _ = states_of(tok, probs, roll, y, args)
+        v, ok, croll = query_critic(csampler, tok, states, args, actor, ema, seed=args.seed * 7_919 + step)
+        r = torch.tensor([s.outcome for s in states])
+        R = torch.tensor([critic_reward(ri, vi if oki else None) for ri, vi, oki in zip(r.tolist(), v.tolist(), ok)])
+        metrics = {"acc": float(np.mean(y)), "critic_mse": float(((v - r) ** 2).mean()), "critic_reward": R.mean().item(),
+                   "critic_parse_fail": int((~ok).sum()), "critic_tokens": sum(len(c.ids) for c in croll),
+                   "icc_ema": ema, **critic_update(critic, optimizer, croll, R, args, tok.pad_token_id, dev, step)}
+        csampler.sync_weights(critic)
+        ema = args.icc_ema * ema + (1 - args.icc_ema) * float(np.mean(y))
+        logger.log(step, {**metrics, "time_step": time.perf_counter() - t0, "peak_mem_gb": C.peak_mem_gb()})
+    C.save_checkpoint(args.out, args.pretrain_steps, {"critic": (critic, optimizer)}, {"ema": ema})
+    return Path(args.out) / "ckpt" / "critic"
+
+
+def train(args: Args):
+    """Stage 3: PPO with the generative critic at segment boundaries; both actor and critic learn."""
+    dev, dtype, policy, tok, path, critic, cpath, ema, actor = setup(args, trainable_actor=True)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
+    parts = {"policy": (policy, optimizer), "critic": (critic, critic_opt)}
+    train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
+    stream = C.ProblemStream(train_set, args.seed)
+    start = 0
+    if args.resume:
+        state = C.load_checkpoint(args.out, parts)
+        start, stream.cursor, ema = state["step"], state["extra"]["cursor"], state["extra"]["ema"]
+    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+    csampler = C.make_sampler(args.sampler, critic, tok, cpath, dtype, args.seed + 1)
+    logger = C.RunLogger(args.out, resume_step=start)
+    G, P = args.group_size, args.prompts_per_step
+
+    if start == 0 and eval_set:
+        logger.log(0, {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)})
+    for step in C.tqdm(range(start + 1, args.steps + 1), desc="genac", initial=start, total=args.steps):
+        timer, t0 = C.Timer(), time.perf_counter()
+        # 1. problems -> rollouts -> verifiable rewards
+        with timer("time_gen"):
+            probs = stream.take(P)
+            roll = sampler.generate([C.build_prompt(tok, p) for p in probs], G, args.max_new_tokens,
+                                    args.temperature, seed=args.seed * 1_000_003 + step * 101)
+            correct, no_answer = C.score([r.text for r in roll], [probs[r.prompt_idx].answer for r in roll])
+        batch = C.collate(roll, tok.pad_token_id, dev)
+        mask, L = batch["response_mask"], batch["response_ids"].shape[1]
+
+        # 2. the method: the critic reasons about every boundary state, segment-level GAE from its values
+        with timer("time_critic"):
+            states, bounds = states_of(tok, probs, roll, correct, args)
+            v, ok, croll = query_critic(csampler, tok, states, args, actor, ema, seed=args.seed * 7_919 + step)
+        adv, k = torch.zeros(len(roll), L), 0
+        for i, (b, y) in enumerate(zip(bounds, correct)):
+            adv[i] = segment_advantages(b, segment_gae(v[k:k + len(b)].tolist(), y, args.gamma, args.lam),
+                                        len(roll[i].ids), L)
+            k += len(b)
+        adv = adv.to(dev) * mask
+        r = torch.tensor([s.outcome for s in states])
+        metrics = {"reward": float(np.mean(correct)), "acc": float(np.mean(correct)), "icc_ema": ema,
+                   "critic_mse": float(((v - r) ** 2).mean()), "critic_parse_fail": int((~ok).sum()),
+                   "critic_tokens": sum(len(c.ids) for c in croll), "critic_queries": len(states)}
+        if args.whiten_adv:
+            adv = C.masked_whiten(adv, mask)
+
+        # 3. the actor's clipped update, then the critic's REINFORCE step on the fresh outcomes
+        with timer("time_train"):
+            metrics.update(C.policy_update(policy, optimizer, batch, adv, args))
+            sampler.sync_weights(policy)
+            R = torch.tensor([critic_reward(ri, vi if oki else None) for ri, vi, oki in zip(r.tolist(), v.tolist(), ok)])
+            metrics.update(critic_reward=R.mean().item(),
+                           **critic_update(critic, critic_opt, croll, R, args, tok.pad_token_id, dev,
+                                           args.seed * 131 + step))
+            csampler.sync_weights(critic)
+        ema = args.icc_ema * ema + (1 - args.icc_ema) * float(np.mean(correct))
+
+        flat = torch.tensor(correct).view(P, G)
+        metrics.update(adv_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item(),
+                       frac_reward_zero_std=(flat.max(-1).values == flat.min(-1).values).float().mean().item()
+                       if G > 1 else None, rollouts=len(roll), tokens=int(mask.sum()), no_answer=no_answer,
+                       resp_len=mask.sum(-1).mean().item())
+        if args.oracle_k > 0:  # diagnostic only: the critic's value of the empty state vs a Monte-Carlo p(x)
+            v0 = torch.tensor([v[sum(map(len, bounds[:i]))].item() for i in range(len(roll))]).view(P, G).mean(-1)
+            metrics.update(C.oracle_baseline_mse(sampler, tok, probs, v0.numpy(), args, seed=args.seed * 7_919 + step))
+
+        # 4. log, evaluate, checkpoint
+        if step == args.steps or (args.eval_every and step % args.eval_every == 0):
+            metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+        metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
+        logger.log(step, metrics)
+        if step == args.steps or (args.save_every and step % args.save_every == 0):
+            C.save_checkpoint(args.out, step, parts, {"cursor": stream.cursor, "ema": ema})
+    return logger.path
+
+
+def run_all(args: Args):
+    """No subcommand: stage 1 into OUT/sft, stage 2 into OUT/pretrain (each from the last one's critic), stage 3 into OUT."""
+    out = Path(args.out)
+    critic = sft(dataclasses.replace(args, out=str(out / "sft")))
+    critic = pretrain(dataclasses.replace(args, out=str(out / "pretrain"), critic=str(critic)))
+    return train(dataclasses.replace(args, critic=str(critic)))
+
+
+COMMANDS = {"sft": sft, "pretrain": pretrain, "train": train}
+
+if __name__ == "__main__":
+    cmd = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else None
+    if cmd is not None and cmd not in COMMANDS:
+        raise SystemExit(f"python genac.py [{'|'.join(COMMANDS)}] [flags]: unknown command {cmd!r}")
+    COMMANDS.get(cmd, run_all)(C.parse_args(Args, sys.argv[2:] if cmd else sys.argv[1:]))
