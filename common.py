@@ -86,6 +86,9 @@ class TrainArgs:
     logp_chunk: int = arg(1024, "tokens per chunk of the lm-head/log-softmax (memory vs speed)")
     grad_checkpointing: bool = arg(False, "recompute each decoder layer's activations in backward instead of "
                                    "storing them: less memory, ~1/3 more training compute (verl's default)")
+    autocast: str = arg("off", "updates' forward/backward under torch.autocast: bf16 (mixed precision: float32 "
+                        "weights and optimizer, bf16 matmuls; ~2x faster on a CPU with AVX512-BF16, log-probs "
+                        "~0.02 from float32's on average) or off", choices=["off", "bf16"])
 
 
 def parse_args(cls, argv=None, presets: dict | None = None):
@@ -578,8 +581,10 @@ def slice_batch(batch: dict, idx) -> dict:
 
 
 def _chunk_logp(h, w, targets, temperature, with_entropy: bool):
-    """h: [N, d] hidden states, w: [V, d] lm head, targets: [N] -> log p(target) [N], entropy [N]."""
-    logits = (h @ w.T).float() / temperature  # [N, V]: exists for one chunk only
+    """h: [N, d] hidden states, w: [V, d] lm head, targets: [N] -> log p(target) [N], entropy [N].
+    Float32 also under bf16 autocast: here a bf16 head over 49k logits added ~40% of autocast's mean log-prob error."""
+    with torch.autocast(h.device.type, enabled=False):
+        logits = (h.to(w.dtype) @ w.T).float() / temperature  # [N, V]: exists for one chunk only
     lse = torch.logsumexp(logits, -1)
     logp = logits.gather(-1, targets[:, None])[:, 0] - lse
     if not with_entropy:
@@ -773,22 +778,32 @@ def critic_values(critic, batch, micro: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def update_mode(model, checkpointing: bool):
-    """Around an update's forward/backward. With checkpointing, each decoder layer's activations are recomputed
-    in backward instead of stored; transformers only does that in train mode, so the model is in train mode
-    here (dropout, if a model had any, would be on too: ours have none) and back in eval mode for sampling,
-    whose KV cache checkpointing would switch off."""
+def update_mode(model, checkpointing: bool, autocast: str = "off"):
+    """Around an update's forward/backward.
+    checkpointing: each decoder layer's activations are recomputed in backward instead of stored; transformers
+    only does that in train mode, so the model is in train mode here (dropout, if a model had any, would be on
+    too: ours have none) and back in eval mode for sampling, whose KV cache checkpointing would switch off.
+    autocast "bf16": matmuls in bfloat16, weights, gradients and optimizer state stay float32 (mixed precision);
+    the lm head and log-softmax stay float32 (_chunk_logp). About 2x faster updates on a CPU with AVX512-BF16."""
     lm = getattr(model, "backbone", model)  # a ValueModel checkpoints its decoder
-    if not checkpointing:
-        yield
-        return
-    if not lm.is_gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm.train()
-    try:
-        yield
-    finally:
-        lm.eval()
+    dev = next(model.parameters()).device.type
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        if not checkpointing:
+            yield
+            return
+        if not lm.is_gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.train()
+        try:
+            yield
+        finally:
+            lm.eval()
+
+
+def adamw(params, lr: float, weight_decay: float = 0.0):
+    """AdamW with PyTorch's fused kernel: one pass over all parameters instead of a Python loop over tensors
+    (135M parameters on 2 cores: 0.07 s a step instead of 0.47 s). Same algorithm, same state_dict."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def minibatch_update(optimizer, mask, args, loss_fn, agg: str = "token-mean", skip=None) -> dict:
@@ -829,12 +844,13 @@ def minibatch_update(optimizer, mask, args, loss_fn, agg: str = "token-mean", sk
     return {**{k: float(np.mean(v)) for k, v in stats.items()}, "nan_skips": skips}
 
 
-def policy_update(policy, optimizer, batch: dict, adv, args, old_logp=None, ref_logp=None) -> dict:
+def policy_update(policy, optimizer, batch: dict, adv, args, old_logp=None, ref_logp=None,
+                  skip_zero_adv: bool = True) -> dict:
     """Clipped-surrogate update of the policy on per-token advantages adv [B, L] (see minibatch_update).
-    logp_old: given, or computed once up front when there is more than one optimizer step per batch."""
+    logp_old: given, or computed once up front when there is more than one optimizer step per batch.
+    skip_zero_adv: rows whose advantages are all 0 (and no KL) add exactly 0, so they get no forward/backward;
+    a benchmark turns this off to do the same work as a trainer that does not skip them."""
     B, mask = adv.shape[0], batch["response_mask"]
-    if old_logp is None and (args.epochs > 1 or 0 < args.minibatch_size < B):  # off-policy after the 1st step
-        old_logp = logprobs_no_grad(policy, batch, args.temperature, args.logp_chunk, args.micro_batch_size)
 
     def loss_fn(r):
         mbatch = slice_batch(batch, r)
@@ -847,8 +863,10 @@ def policy_update(policy, optimizer, batch: dict, adv, args, old_logp=None, ref_
         return loss, {**st, "entropy": masked_mean(fw["entropy"].detach(), m).item(),
                       "logp_diff": masked_mean((fw["logp"].detach() - mbatch["sampler_logp"]).abs(), m).item()}
     # without KL, a row whose advantages are all 0 adds exactly 0: no forward/backward needed
-    skip = None if ref_logp is not None else ~(adv != 0).any(-1)
-    with update_mode(policy, args.grad_checkpointing):
+    skip = None if ref_logp is not None or not skip_zero_adv else ~(adv != 0).any(-1)
+    with update_mode(policy, args.grad_checkpointing, args.autocast):
+        if old_logp is None and (args.epochs > 1 or 0 < args.minibatch_size < B):  # off-policy after the 1st step
+            old_logp = logprobs_no_grad(policy, batch, args.temperature, args.logp_chunk, args.micro_batch_size)
         return minibatch_update(optimizer, mask, args, loss_fn, args.loss_agg, skip)
 
 
@@ -868,7 +886,7 @@ def value_update(critic, optimizer, batch: dict, returns, old_values, args, clip
     def loss_fn(r):
         loss = value_loss(critic(slice_batch(batch, r)), old_values[r], returns[r], mask[r], clip)
         return loss, {"value_loss": loss.item()}
-    with update_mode(critic, args.grad_checkpointing):
+    with update_mode(critic, args.grad_checkpointing, args.autocast):
         st = minibatch_update(optimizer, mask, args, loss_fn, "token-mean")
     return {"value_loss": st.get("value_loss", float("nan")), "critic_grad_norm": st.get("grad_norm", float("nan")),
             "critic_nan_skips": st["nan_skips"]}
@@ -1004,6 +1022,17 @@ def load_checkpoint(out: str, parts: dict) -> dict:
     random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     return state
+
+
+def bench_line(metrics_path) -> str:
+    """A benchmark's summary of a run's metrics.jsonl: medians over the steps after the first (warm-up).
+    'bench median_s_per_step=<x> gen=<y> train=<z> peak_mem_gb=<m>'"""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    steps = [r for r in rows if r.get("time_step") is not None]
+    steady = steps[1:] or steps
+    med = lambda k: float(np.median([r[k] or 0.0 for r in steady]))  # noqa: E731
+    return (f"bench median_s_per_step={med('time_step'):.2f} gen={med('time_gen'):.2f} train={med('time_train'):.2f} "
+            f"peak_mem_gb={max(r['peak_mem_gb'] for r in steps):.2f}")
 
 
 class Timer:

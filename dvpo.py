@@ -245,7 +245,7 @@ def gvm_update(gvm, optimizer, batch: dict, score, args) -> dict:
         loss = C.value_loss(v, v.detach(), G, mask[r], clip=0.0)
         return loss, {"value_loss": loss.item(), "explained_variance": C.explained_variance(v.detach(), G, mask[r]),
                       "value_mean": C.masked_mean(v.detach(), mask[r]).item()}
-    with C.update_mode(gvm, args.grad_checkpointing):
+    with C.update_mode(gvm, args.grad_checkpointing, args.autocast):
         st = C.minibatch_update(optimizer, mask, args, loss_fn, "token-mean")
     return {k: st.get(k, float("nan")) for k in ("value_loss", "explained_variance", "value_mean", "grad_norm",
                                                    "nan_skips")}
@@ -291,7 +291,7 @@ def pretrain(args: Args) -> Path:
     else:
         lm, base = policy, args.model  # stage 1 never samples again: the policy's weights become the GVM's
     gvm = C.ValueModel(lm)
-    optimizer = torch.optim.AdamW(gvm.parameters(), lr=args.gvm_lr, weight_decay=0.0)
+    optimizer = C.adamw(gvm.parameters(), args.gvm_lr)
     eos = C.eos_ids(lm, tok)[0]
     seqs = [to_sequence(r, tok, eos) for r in rows]
     scores = torch.tensor([float(r["score"]) for r in rows])  # [N]
@@ -359,7 +359,7 @@ def train(args: Args):
     C.seed_everything(args.seed)
     policy, tok, path = C.load_model(args.model, dev, dtype)
     gvm, _ = load_gvm(args.gvm, tok, dev, dtype)  # frozen: no gradient, no optimizer state, never saved again
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = C.adamw(policy.parameters(), args.lr)
     parts = {"policy": (policy, optimizer)}
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)

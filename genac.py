@@ -306,7 +306,7 @@ def sft(args: Args) -> Path:
     seqs = [C.Rollout(0, ids, t, "", [0.0] * len(t), "stop")
             for ids, t in zip(critic_inputs(tok, states, args, actor, ema), targets)]
 
-    optimizer = torch.optim.AdamW(critic.parameters(), lr=args.sft_lr, weight_decay=0.0)
+    optimizer = C.adamw(critic.parameters(), args.sft_lr)
     logger = C.RunLogger(args.out)
     logger.CONSOLE = ["sft_loss", "sft_rows", "time_step"]
     one = dataclasses.replace(args, epochs=1, minibatch_size=0)
@@ -335,7 +335,7 @@ def pretrain(args: Args) -> Path:
     dev, dtype, policy, tok, path, critic, cpath, ema, actor = setup(args, trainable_actor=False)
     sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
     csampler = C.make_sampler(args.sampler, critic, tok, cpath, dtype, args.seed + 1)
-    optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
+    optimizer = C.adamw(critic.parameters(), args.critic_lr)
     stream = C.ProblemStream(C.load_problems(args.data), args.seed + 2)
     logger = C.RunLogger(args.out)
     logger.CONSOLE = ["acc", "critic_mse", "critic_reward", "critic_parse_fail", "time_step"]
@@ -362,8 +362,8 @@ def pretrain(args: Args) -> Path:
 def train(args: Args):
     """Stage 3: PPO with the generative critic at segment boundaries; both actor and critic learn."""
     dev, dtype, policy, tok, path, critic, cpath, ema, actor = setup(args, trainable_actor=True)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
+    optimizer = C.adamw(policy.parameters(), args.lr)
+    critic_opt = C.adamw(critic.parameters(), args.critic_lr)
     parts = {"policy": (policy, optimizer), "critic": (critic, critic_opt)}
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)

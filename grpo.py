@@ -35,6 +35,8 @@ Choices that are ours, not the papers'
 from __future__ import annotations
 
 import copy
+import dataclasses
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -62,6 +64,9 @@ class Args(C.TrainArgs):
     dynamic_sampling: bool = arg(False, "DAPO: drop zero-std groups and resample prompts to refill the batch")
     max_resample: int = arg(3, "DAPO: extra sampling rounds per step at most, before training on what is there")
     overlong_buffer: float = arg(0.0, "DAPO: L_cache as a fraction of --max-new-tokens (0: off)")
+    bench: bool = arg(False, "time steps instead of training for results: every completion exactly --max-new-tokens "
+                      "long, every row trained, no eval/oracle/checkpoints, --out a temporary folder; prints "
+                      "'bench median_s_per_step=...' last (the first step is warm-up)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,17 +109,20 @@ def informative_groups(rewards: torch.Tensor) -> torch.Tensor:
 def sample_groups(sampler, tok, problems, G, args, seed):
     """Generate G rollouts per problem and score them: (rollouts, correct [N, G], lengths [N, G], no_answer)."""
     roll = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
-                            args.temperature, seed=seed)
+                            args.temperature, seed=seed, min_new_tokens=args.max_new_tokens if args.bench else 0)
     correct, no_answer = C.score([r.text for r in roll], [problems[r.prompt_idx].answer for r in roll])
     N = len(problems)
     return roll, torch.tensor(correct).view(N, G), torch.tensor([len(r.ids) for r in roll]).view(N, G), no_answer
 
 
 def main(args: Args):
+    if args.bench:  # same work every step, and nothing that is not a step
+        args = dataclasses.replace(args, eval_problems=0, oracle_k=0, save_every=0, resume=False,
+                                   out=tempfile.mkdtemp(prefix="grpo_bench_"))
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     policy, tok, path = C.load_model(args.model, dev, dtype)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = C.adamw(policy.parameters(), args.lr)
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)
     start = 0
@@ -171,7 +179,8 @@ def main(args: Args):
                 adv_tok = adv.flatten()[:, None].to(dev) * batch["response_mask"]  # [B, L]
                 ref_logp = None if ref is None else C.logprobs_no_grad(ref, batch, args.temperature, args.logp_chunk,
                                                                          args.micro_batch_size)
-                metrics.update(C.policy_update(policy, optimizer, batch, adv_tok, args, ref_logp=ref_logp))
+                metrics.update(C.policy_update(policy, optimizer, batch, adv_tok, args, ref_logp=ref_logp,
+                                               skip_zero_adv=not args.bench))
                 sampler.sync_weights(policy)
 
         # 4. log, evaluate, checkpoint
@@ -179,8 +188,11 @@ def main(args: Args):
             metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
-        if step == args.steps or (args.save_every and step % args.save_every == 0):
+        if not args.bench and (step == args.steps or (args.save_every and step % args.save_every == 0)):
             C.save_checkpoint(args.out, step, {"policy": (policy, optimizer)}, {"cursor": stream.cursor})
+    if args.bench:
+        print(f"bench: per-step metrics in {logger.path}")
+        print(C.bench_line(logger.path))
     return logger.path
 
 

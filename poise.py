@@ -273,7 +273,7 @@ def main(args: Args):
     if not 1 <= args.probe_layer <= n_layers:
         raise SystemExit(f"--probe-layer {args.probe_layer}: {args.model} has decoder layers 1..{n_layers}")
     d = policy.config.hidden_size
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = C.adamw(policy.parameters(), args.lr)
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)
     start, buf_X, buf_y, probe = 0, None, None, None

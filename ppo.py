@@ -76,8 +76,8 @@ def main(args: Args):
     else:
         critic_lm = copy.deepcopy(policy)  # same weights, separate parameters: twice the model memory
     critic = C.ValueModel(critic_lm)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
+    optimizer = C.adamw(policy.parameters(), args.lr)
+    critic_opt = C.adamw(critic.parameters(), args.critic_lr)
     parts = {"policy": (policy, optimizer), "critic": (critic, critic_opt)}
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)

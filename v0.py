@@ -855,7 +855,7 @@ def grpo(args: GrpoArgs):
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     policy, tok, path = C.load_model(args.model, dev, dtype)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = C.adamw(policy.parameters(), args.lr)
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)
     v0model, bb = load_v0(args.v0) if args.alloc == "v0" else (None, None)

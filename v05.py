@@ -287,7 +287,7 @@ def main(args: Args):
     C.seed_everything(args.seed)
     v0model, bb = V0.load_v0(v0_checkpoint(args)) if args.prior == "v0" else (None, None)
     policy, tok, path = C.load_model(args.model, dev, dtype)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = C.adamw(policy.parameters(), args.lr)
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)
     history, start = [], 0  # history: [(question, empirical success rate)], newest last

@@ -93,6 +93,21 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_bench_mode_times_fixed_length_steps():
+    """--bench: every completion is exactly --max-new-tokens long and every row trains (TRL's work), no eval, and
+    the last line is the summary other tools parse."""
+    p = run("--bench", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6",
+            "--data", EASY)
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("bench median_s_per_step=")
+    fields = dict(kv.split("=") for kv in last.split()[1:])
+    assert set(fields) == {"median_s_per_step", "gen", "train", "peak_mem_gb"} and float(fields["median_s_per_step"]) > 0
+    path = next(line for line in p.stdout.splitlines() if line.startswith("bench: per-step metrics in ")).split(" in ")[1]
+    r = [json.loads(line) for line in open(path)]
+    assert [x["step"] for x in r] == [1, 2]  # no step-0 evaluation
+    assert all(x["tokens"] == 2 * 2 * 6 and x["grad_norm"] is not None for x in r)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     p = run("--resume", "--out", str(tmp_path), check=False)
     assert p.returncode != 0 and "no checkpoint" in p.stderr
