@@ -2,8 +2,11 @@
 log-softmax in chunks under checkpointing: the [B, T, V] logits never exist) against the naive version
 (full logits, log_softmax over them, gather), on the same batch of the default model (vocabulary 49,152).
 
-    python benchmarks/logprob_memory.py                        # 8 rows x (32 prompt + 256 response) tokens
-    python benchmarks/logprob_memory.py --rows 16 --response 512 --grad-checkpointing
+    python benchmarks/logprob_memory.py                  # 8 rows x (32 prompt + 1024 response) tokens, chunk 256
+    python benchmarks/logprob_memory.py --response 256 --no-grad-checkpointing --chunk 1024
+
+By default both variants recompute decoder activations in backward (--grad-checkpointing, verl's default):
+otherwise the decoder's own activations, the same in both, dominate and hide what the loss saves.
 
 Each variant runs in its own process. On CPU the figure is the rise of the process's resident memory
 high-water mark over its resident size just before the step (Linux: VmHWM reset through /proc/self/clear_refs);
@@ -76,10 +79,11 @@ def main():
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--response", type=int, default=256)
-    ap.add_argument("--chunk", type=int, default=1024, help="forward_logprobs' tokens per lm-head chunk")
+    ap.add_argument("--response", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=256, help="forward_logprobs' tokens per lm-head chunk (--logp-chunk)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--grad-checkpointing", action="store_true", help="both variants recompute layer activations")
+    ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="both variants recompute decoder layer activations in backward")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
