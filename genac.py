@@ -323,7 +323,8 @@ def sft(args: Args) -> Path:
             lp = C.forward_logprobs(critic, C.slice_batch(batch, r), 1.0, args.logp_chunk)["logp"]
             loss = -C.masked_mean(lp, batch["response_mask"][r])
             return loss, {"sft_loss": loss.item()}
-        st = C.minibatch_update(optimizer, batch["response_mask"], one, loss_fn)
+        with C.update_mode(critic, args.grad_checkpointing, args.autocast):  # the flags every update honours
+            st = C.minibatch_update(optimizer, batch["response_mask"], one, loss_fn)
         logger.log(step, {**st, "time_step": time.perf_counter() - t0})
     C.save_checkpoint(args.out, per_epoch * args.sft_epochs, {"critic": (critic, optimizer)}, {"ema": ema})
     return Path(args.out) / "ckpt" / "critic"
