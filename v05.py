@@ -19,7 +19,7 @@ What the method is
   and a prompt gets one more rollout while MSE(k) - MSE(k+1) > c (c = 0.0039 ~ 1/16^2), up to k_max = 16
   -> wants_more, adaptive_rollouts. Where the prior agrees (H0 kept, D2 = 0) the risk is 0 and the prompt
   stops at k_init; where it is wrong, rollouts are bought until the empirical mean carries the baseline.
-  Advantage: A_i = r_i - mu, broadcast over the tokens of rollout i, into the clipped surrogate.
+  Advantage: A_i = r_i - mu (+-1 scale), broadcast over the tokens of rollout i, into the clipped surrogate.
 
 Equation -> function
   D2, w ........................... shrinkage          (any reward scale, given its s2)
@@ -33,7 +33,9 @@ Equation -> function
 Choices that are ours, not the paper's
   - Rewards stay 0/1 in the trainer; fuse converts to the paper's +-1 scale (v = 2 v01 - 1, s2 = 1) and back.
     The fusion is scale-equivariant (0/1 with s2 = 1/4 gives the same w and decisions; tests check this);
-    only the budget's c is tied to the +-1 scale, as in the paper.
+    only the budget's c is tied to the +-1 scale, as in the paper. The advantage is taken on the +-1 scale too,
+    A = (2 r - 1) - (2 mu - 1): on the 0/1 scale it would be half as large, i.e. half GRPO's step (a group of 4
+    with one success gets A = 1.5 / -0.5 from GRPO's std-scaled advantage and from this one).
   - Batching: all prompts' extra rollouts of a round are sampled in one generate call. With --round-max 1
     each prompt whose look-ahead pays gets exactly one more per round: the paper's decisions, but up
     to k_max - k_init rounds, each a full decode pass (latency). --round-max R gives it up to R of the
@@ -45,7 +47,7 @@ Choices that are ours, not the paper's
   - --test binomial: scipy.stats.binomtest of H0: p = V on the 0/1 counts, at --alpha (default the z-rule's
     level). When it rejects, the squared bias is the plug-in (v_k - V)^2 (no variance correction, which could
     make it 0 although the test rejected); when it keeps H0, D2 = 0 as in the paper.
-  - --scale-std divides by the Bernoulli std of the baseline, sqrt(mu (1 - mu)), floored at 0.1: a group
+  - --scale-std divides by the Bernoulli std of a +-1 reward, 2 sqrt(mu (1 - mu)), floored at 0.2: a group
     whose rewards are all equal still has a nonzero advantage here, so the group's own std cannot be used.
   - The history: a FIFO of this run's (prompt, empirical success rate v_k) rows, --history long, seeded by a
     warm-up step of --warmup-prompts prompts x k_init rollouts (counted in the rollouts spent, logged as
@@ -88,7 +90,7 @@ class Args(C.TrainArgs):
     test: str = arg("z", "z: the paper's positive-part rule (two-sided z-test, alpha = 2(1 - Phi(1))); binomial: "
                     "exact scipy.stats.binomtest against V", choices=["z", "binomial"])
     alpha: float = arg(ALPHA, "level of --test binomial")
-    scale_std: bool = arg(False, "divide A by sqrt(mu (1 - mu)) (floored at 0.1)")
+    scale_std: bool = arg(False, "divide A by the +-1 reward's Bernoulli std 2 sqrt(mu (1 - mu)) (floored at 0.2)")
     prior: str = arg("v0", "v0: the V0 model; oracle: Monte-Carlo p + noise; constant; corrupt: oracle, but far "
                      "off on --corrupt-frac of prompts", choices=["v0", "oracle", "constant", "corrupt"])
     v0: str = arg("auto", "V0 checkpoint (auto: the shipped one when it was trained for --model)")
@@ -196,11 +198,12 @@ def adaptive_rollouts(draw, prior, k_init: int = 4, k_max: int = 16, cost: float
 
 def v05_advantages(rewards: torch.Tensor, group: torch.Tensor, mu: torch.Tensor, scale_std: bool = False,
                    std_floor: float = 0.1) -> torch.Tensor:
-    """A_i = r_i - mu_g(i)   (--scale-std: / max(sqrt(mu (1 - mu)), floor), ours).
-    rewards [B] 0/1, group [B] prompt index of each rollout, mu [N] fused baselines -> [B]"""
-    adv = rewards - mu[group]
+    """A_i = r_i - mu_g(i) on the paper's +-1 scale, i.e. 2 (r01_i - mu01_g(i)) from our 0/1 rewards and baselines
+    (--scale-std, ours: / the Bernoulli std of a +-1 reward, 2 max(sqrt(mu (1 - mu)), floor), which cancels the 2).
+    rewards [B] 0/1, group [B] prompt index of each rollout, mu [N] fused baselines on the 0/1 scale -> [B]"""
+    adv = 2 * (rewards - mu[group])  # (2 r - 1) - (2 mu - 1)
     if scale_std:
-        adv = adv / (mu * (1 - mu)).sqrt().clamp(min=std_floor)[group]
+        adv = adv / (2 * (mu * (1 - mu)).sqrt().clamp(min=std_floor))[group]
     return adv
 
 
@@ -336,7 +339,7 @@ def main(args: Args):
         history = (history + [(p.question, float(r)) for p, r in zip(probs, rates)])[-args.history:]
         log_prompts(prompt_log, step, probs, draw.rewards, prior=prior, mu=res["mu"], reject_init=res["reject_init"])
 
-        # 3. A_i = r_i - mu, broadcast over tokens
+        # 3. A_i = r_i - mu (+-1 scale), broadcast over tokens
         roll = [r for group in draw.rollouts for r in group]
         rewards = torch.tensor([c for group in draw.rewards for c in group])  # [B], in the order of roll
         gidx = torch.repeat_interleave(torch.arange(len(probs)), torch.tensor(k))

@@ -141,7 +141,8 @@ def test_advantages():
     r = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])
     g = torch.tensor([0, 0, 0, 1, 1])
     mu = torch.tensor([0.5, 0.9])
-    torch.testing.assert_close(v05.v05_advantages(r, g, mu), torch.tensor([0.5, -0.5, 0.5, 0.1, 0.1]))
+    # the paper's +-1 scale: (2r - 1) - (2mu - 1), twice the 0/1 difference
+    torch.testing.assert_close(v05.v05_advantages(r, g, mu), torch.tensor([1.0, -1.0, 1.0, 0.2, 0.2]))
     a = v05.v05_advantages(r, g, mu, scale_std=True)
     torch.testing.assert_close(a, torch.tensor([1.0, -1.0, 1.0, 0.1 / 0.3, 0.1 / 0.3]))
     # an all-correct group still gets a signal when the baseline is below 1 (GRPO's would be 0)
