@@ -66,12 +66,6 @@ def mse_against_oracle(b: np.ndarray, p_hat: np.ndarray, oracle_k: int) -> tuple
     return float(per.mean()), float(per.std(ddof=1) / np.sqrt(len(per)))
 
 
-def in_groups(r: np.ndarray, G: int) -> np.ndarray:
-    """The pool r [N, n] cut into n // G disjoint groups of G, each treated as its own prompt: [N * n // G, G]."""
-    N, n = r.shape
-    return r[:, :n // G * G].reshape(N * (n // G), G)
-
-
 def pg_estimate(adv: np.ndarray, grads: np.ndarray) -> np.ndarray:
     """The policy-gradient estimate of a batch: mean over prompts of mean_i A_i grad_i (sequence-level; ours).
     adv [N, n], grads [N, n, d] (grad_i = d/dtheta sum_t log pi(y_t) of rollout i) -> [d]"""
