@@ -37,7 +37,7 @@ def test_collate_layout():
     assert b["sampler_logp"][1].tolist() == [-1, -2, -3]
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 1024])
+@pytest.mark.parametrize("chunk", [1, 7, 1024, 0])  # 0: one chunk, no recompute
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_logprobs_equal_naive_values_and_grads(tiny_lm, chunk, temperature):
     batch = make_batch()
@@ -52,6 +52,37 @@ def test_chunked_logprobs_equal_naive_values_and_grads(tiny_lm, chunk, temperatu
     assert torch.allclose(out["entropy"], ent, atol=1e-5)
     for n, p in tiny_lm.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-5), n
+
+
+def grouped_batch(groups=3, G=4, seed=0, vocab=300):
+    """Rollouts in groups that share a prompt (prompts of different lengths, responses of different lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    rolls = []
+    for k in range(groups):
+        p = torch.randint(3, vocab, (3 + 2 * k,), generator=g).tolist()
+        for _ in range(G):
+            y = torch.randint(3, vocab, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+            rolls.append(C.Rollout(k, p, y, "", [0.0] * len(y), "length"))
+    return C.collate(rolls, pad_id=0)
+
+
+@pytest.mark.parametrize("G", [4, 1])
+def test_shared_prompts_give_the_same_logprobs_and_grads(tiny_lm, G):
+    """Each distinct prompt through the decoder once, its KV cache indexed out to the group's rows, equals one
+    pass over [prompt | response] rows: log-probs, entropies and every parameter's gradient to 1e-5 (float32
+    rounding only; G=1: no prompt repeats, the plain pass)."""
+    batch = grouped_batch(G=G)
+    w = torch.randn(batch["response_ids"].shape, generator=torch.Generator().manual_seed(1))
+    res = []
+    for share in (False, True):
+        tiny_lm.zero_grad()
+        out = C.forward_logprobs(tiny_lm, batch, 0.7, chunk=5, entropy=True, share_prompts=share)
+        ((out["logp"] * w).sum() + out["entropy"].sum()).backward()
+        res.append((out["logp"].detach(), out["entropy"].detach(), [p.grad.clone() for p in tiny_lm.parameters()]))
+    m = batch["response_mask"].bool()
+    assert torch.allclose(res[0][0][m], res[1][0][m], atol=1e-5) and torch.allclose(res[0][1][m], res[1][1][m], atol=1e-5)
+    for a, b in zip(res[0][2], res[1][2]):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_hidden_layer_is_that_layers_output(tiny_lm):
