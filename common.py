@@ -613,10 +613,11 @@ def shared_prompt_states(base, batch: dict, share: bool = True):
     resuming them, so it is opt-in (--share-prompts) and a --resume is exact only without it."""
     P, L = batch["prompt_len"], batch["response_ids"].shape[1]
     ids, attn, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
-    keys, inv = torch.unique(torch.cat([ids[:, :P], attn[:, :P]], 1), dim=0, return_inverse=True)  # [U, 2P], [B]
-    B, U = len(inv), len(keys)
-    if not share or U == B:
+    if share:
+        keys, inv = torch.unique(torch.cat([ids[:, :P], attn[:, :P]], 1), dim=0, return_inverse=True)  # [U, 2P], [B]
+    if not share or len(keys) == len(inv):
         return base(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state[:, P - 1:P + L - 1]
+    B, U = len(inv), len(keys)
     from transformers import DynamicCache
     first = torch.full((U,), B, device=ids.device).scatter_reduce_(0, inv, torch.arange(B, device=ids.device), "amin")
     cache = DynamicCache(config=base.config)
