@@ -51,7 +51,8 @@ Choices that are ours, not the paper's
     whose rewards are all equal still has a nonzero advantage here, so the group's own std cannot be used.
   - The history: a FIFO of this run's (prompt, empirical success rate v_k) rows, --history long, seeded by a
     warm-up step of --warmup-prompts prompts x k_init rollouts (counted in the rollouts spent, logged as
-    step 0). V0 is the pretrained model from v0.py, never updated here. With --warmup-prompts 0 the first
+    step 0). The warm-up prompts are the far end of the training stream's first pass (warmup_problems), so
+    the training steps see the same prompts as grpo.py at the same seed. V0 is the pretrained model from v0.py, never updated here. With --warmup-prompts 0 the first
     step has no history and every prompt gets --prior-constant.
   - Ablation priors: oracle = Monte-Carlo p from --oracle-k extra rollouts + N(0, --prior-noise), clipped;
     constant = --prior-constant for every prompt; corrupt = the noisy oracle, but on a --corrupt-frac share
@@ -273,6 +274,15 @@ class PolicyDraw:
         return new
 
 
+def warmup_problems(problems: list[C.Problem], seed: int, k: int) -> list[C.Problem]:
+    """Ours: the warm-up takes the last k problems of the training stream's first pass, so it shares no prompt
+    with the first n - k prompts training takes, and step s trains on exactly the prompts grpo.py's step s
+    does at the same seed (V0.5 and GRPO compare on the same prompts, not on streams shifted by the warm-up)."""
+    tail = C.ProblemStream(problems, seed)
+    tail.cursor = max(len(problems) - k, 0)
+    return tail.take(min(k, len(problems)))
+
+
 def log_prompts(path, step: int, probs: list[C.Problem], rewards: list[list[float]], **per_prompt):
     """Append this step's rows to OUT/prompts.jsonl: question, answer, the 0/1 rewards in the order drawn (the
     first k_init are what the test saw), and any per-prompt arrays given (prior, mu, reject_init)."""
@@ -303,7 +313,7 @@ def main(args: Args):
     C.keep_steps(prompt_log, start)
 
     if start == 0:  # warm-up: k_init rollouts on fresh prompts, only to seed V0's history
-        warm = stream.take(args.warmup_prompts) if args.prior == "v0" else []
+        warm = warmup_problems(train_set, args.seed, args.warmup_prompts) if args.prior == "v0" else []
         metrics = {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed) if eval_set else None}
         if warm:
             draw = PolicyDraw(sampler, tok, warm, args, seed=args.seed * 1_000_003)

@@ -1,14 +1,24 @@
-"""Replay a v05 run's OUT/prompts.jsonl with other contexts for V0's prior, on the same prompts and rewards.
+"""Replay a v05 run's OUT/prompts.jsonl with other priors, on the same prompts and rewards.
 
-For each variant: the test's reject rate at k_init (exact: it only needs the first k_init rewards drawn), the
-prior's MSE and mean error against each prompt's final empirical rate, and the spend the adaptive budget would
-have made, simulated with Bernoulli draws at that final rate (the same for every variant, so spends compare).
-Variants: V0 reading the last H history rows (H = 16, 32, 64, 128), with or without this step's other prompts'
-k_init rates added to the context (leave-one-out, so a prompt's prior never sees its own rollouts).
+The question it answers: is V0.5's spend limited by V0, or by what the run's history can tell about the next
+step's prompts at all? Every predictor below sees exactly what V0 sees, the last H (prompt, success rate)
+rows of the run before the step (the warm-up rows first), and predicts each of the step's prompts:
+  v0            the run's V0 (the shipped one unless --v0), as in training
+  v0 fresh      V0 with this step's other prompts' k_init rates added to the context (leave-one-out, so a
+                prompt's prior never sees its own rollouts): how much a context one step fresher would buy
+  knn           k nearest history rows by cosine similarity of the backbone embedding (v0.knn_baseline)
+  context mean  the history's mean rate, the same prior for every prompt
+  level mean    (built-in arith data only) the mean rate of the history rows generated from the same
+                template level, shrunk to the context mean with 2 pseudo-rows: a predictor that is told
+                which of the ten generators wrote the prompt, which no real prior knows
+For each: the test's reject rate at k_init (exact: it needs only the first k_init rewards drawn), the prior's
+MSE and mean error against each prompt's final empirical rate, and the spend the adaptive budget would have
+made, simulated with Bernoulli draws at that final rate (the same for every predictor, so spends compare).
 
     python v05.py --out runs/v05_default
-    python benchmarks/v05_prior_replay.py runs/v05_default/prompts.jsonl
+    python benchmarks/v05_prior_replay.py runs/v05_default/prompts.jsonl [--history 16,64,128] [--v0 CKPT]
 """
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,21 +26,52 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common as C  # noqa: E402
 import v0 as V0  # noqa: E402
 import v05  # noqa: E402
 
 
-def replay(by_step, model, bb, H, fresh, k_init=4, reps=20, seed=0):
+def read_run(path) -> dict[int, list[dict]]:
+    by_step = {}
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                r = json.loads(line)
+                by_step.setdefault(int(r["step"]), []).append(r)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise SystemExit(f"{path}:{i}: not a v05 prompts.jsonl row ({e})") from None
+    if 0 not in by_step:
+        raise SystemExit(f"{path}: no warm-up rows (step 0); replay needs a run with --prior v0 and --warmup-prompts > 0")
+    return by_step
+
+
+def predictors(model, bb) -> dict:
+    """name -> predict(ctx [(question, rate)], questions, fresh [(question, k_init rate)] of this step) -> [N]"""
+    levels = {p.question: p.level for p in C.arith_problems("train")}
+    embed = lambda texts: bb.pooled(bb.encode(texts)).numpy()  # noqa: E731 -> [N, d]
+
+    def level_mean(ctx, qs, fresh):
+        y, m = np.array([r for _, r in ctx]), np.mean([r for _, r in ctx])
+        lv = np.array([levels.get(q, -1) for q, _ in ctx])
+        return np.array([(y[lv == levels.get(q, -2)].sum() + 2 * m) / ((lv == levels.get(q, -2)).sum() + 2) for q in qs])
+
+    def v0_fresh(ctx, qs, fresh):  # leave-one-out: prompt i's own k_init rollouts never enter its context
+        return np.array([v05.prior_from_v0(model, bb, ctx + [f for j, f in enumerate(fresh) if j != i], [q])[0]
+                         for i, q in enumerate(qs)])
+
+    out = {"v0": lambda ctx, qs, fresh: v05.prior_from_v0(model, bb, ctx, qs),
+           "v0 fresh": v0_fresh,
+           "knn": lambda ctx, qs, fresh: V0.knn_baseline(embed([c for c, _ in ctx]), np.array([r for _, r in ctx]), embed(qs)),
+           "context mean": lambda ctx, qs, fresh: np.full(len(qs), np.mean([r for _, r in ctx]))}
+    return {**out, "level mean": level_mean}
+
+
+def replay(by_step, predict, H: int, k_init: int = 4, reps: int = 20, seed: int = 0) -> dict:
     rate = lambda r, k=None: float(np.mean(r["rewards"][:k]))  # noqa: E731
     history, prior, r_init, r_final = [(r["question"], rate(r)) for r in by_step[0]], [], [], []
     for s in sorted(by_step)[1:]:
-        cur, ctx = by_step[s], history[-H:]
-        if fresh:
-            p = [v05.prior_from_v0(model, bb, ctx + [(c["question"], rate(c, k_init)) for j, c in enumerate(cur) if j != i],
-                                   [r["question"]])[0] for i, r in enumerate(cur)]
-        else:
-            p = v05.prior_from_v0(model, bb, ctx, [r["question"] for r in cur])
-        prior += list(p)
+        cur = by_step[s]
+        prior += list(predict(history[-H:], [r["question"] for r in cur], [(r["question"], rate(r, k_init)) for r in cur]))
         r_init += [rate(r, k_init) for r in cur]
         r_final += [rate(r) for r in cur]
         history += [(r["question"], rate(r)) for r in cur]
@@ -39,23 +80,28 @@ def replay(by_step, model, bb, H, fresh, k_init=4, reps=20, seed=0):
     rng = np.random.default_rng(seed)
     draw = lambda counts: [rng.random(c) < p for c, p in zip(counts, r_final)]  # noqa: E731
     spend = np.mean([v05.adaptive_rollouts(draw, prior, k_init, round_max=2)["k"].mean() for _ in range(reps)])
-    return dict(H=H, fresh=fresh, reject_at_k_init=float(reject.mean()), prior_mse=float(np.mean((prior - r_final) ** 2)),
+    return dict(reject_at_k_init=float(reject.mean()), prior_mse=float(np.mean((prior - r_final) ** 2)),
                 prior_bias=float(np.mean(prior - r_final)), simulated_k_mean=float(spend))
 
 
-def main(path):
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
-    by_step = {}
-    for r in rows:
-        by_step.setdefault(r["step"], []).append(r)
-    if 0 not in by_step:
-        raise SystemExit(f"{path}: no warm-up rows (step 0); replay needs a run with --prior v0 and --warmup-prompts > 0")
-    model, bb = V0.load_v0(V0.PRETRAINED)
-    for H in (16, 32, 64, 128):
-        for fresh in (False, True):
-            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in replay(by_step, model, bb, H, fresh).items()), flush=True)
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("prompts", nargs="?", default="runs/v05_default/prompts.jsonl", help="a v05 run's OUT/prompts.jsonl")
+    ap.add_argument("--history", default="16,64,128", help="context lengths H to replay (comma-separated)")
+    ap.add_argument("--v0", default=V0.PRETRAINED, help="V0 checkpoint (default: the shipped one)")
+    ap.add_argument("--only", default="", help="comma-separated predictor names (default: all)")
+    a = ap.parse_args(argv)
+    by_step = read_run(a.prompts)
+    model, bb = V0.load_v0(a.v0)
+    preds = predictors(model, bb)
+    names = [n for n in (a.only.split(",") if a.only else preds) if n]
+    if unknown := set(names) - set(preds):
+        raise SystemExit(f"--only: unknown predictor(s) {sorted(unknown)}; choose from {sorted(preds)}")
+    for H in map(int, a.history.split(",")):
+        for name in names:
+            res = replay(by_step, preds[name], H)
+            print(f"H={H}\t{name:<13s}\t" + " ".join(f"{k}={v:.4f}" for k, v in res.items()), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/v05_default/prompts.jsonl")
+    main()

@@ -14,6 +14,7 @@ import v05
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import v05_prior_replay  # noqa: E402
 import v05_sim  # noqa: E402
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")
@@ -186,6 +187,15 @@ def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_warmup_prompts_are_disjoint_from_the_training_prompts_grpo_also_gets():
+    probs = v05.C.arith_problems("train", 50)
+    warm = v05.warmup_problems(probs, 3, 8)
+    first = v05.C.ProblemStream(probs, 3).take(42)  # what grpo.py's steps take first at seed 3
+    assert len(warm) == 8 and len({p.id for p in warm}) == 8
+    assert not {p.id for p in warm} & {p.id for p in first}
+    assert len(v05.warmup_problems(probs, 3, 80)) == 50  # asking for more than there are: all of them
+
+
 def test_no_matching_v0_says_how_to_make_one():
     with pytest.raises(SystemExit, match="v0.py collect"):
         v05.v0_checkpoint(v05.Args(model="Qwen3-4B"))
@@ -220,6 +230,9 @@ def test_two_steps_log_the_v05_metrics(v05_run):
     for x in r:
         assert sum(len(y["rewards"]) for y in p if y["step"] == x["step"]) == x["rollouts"]
     assert all(set(y) >= {"question", "answer", "prior", "mu", "reject_init"} for y in p if y["step"] > 0)
+    # the training steps take the prompts grpo.py takes at this seed (the warm-up comes from the stream's far end)
+    grpo_prompts = v05.C.ProblemStream(v05.C.load_problems(EASY), 1).take(4)
+    assert [y["question"] for y in p if y["step"] > 0] == [q.question for q in grpo_prompts]
 
 
 def test_resume_continues_exactly(v05_run, tmp_path):
@@ -241,3 +254,24 @@ def test_corrupt_prior_runs_and_reports_where_it_spent(tmp_path):
         "--test", "binomial", "--out", str(tmp_path))
     x = rows(tmp_path)[-1]
     assert x["prior_mse"] is not None and x["k_mean"] >= 2
+
+
+def test_prior_replay_scores_predictors_on_a_run(tmp_path, capsys):
+    """benchmarks/v05_prior_replay.py on a made-up run where the success rate is set by the template level:
+    the predictor told the level must beat the context mean by far, and a bad row names its line."""
+    probs = v05.C.arith_problems("train")
+    easy, hard = [p for p in probs if p.level == 1][:12], [p for p in probs if p.level == 10][:12]
+    rows = [{"step": s, "question": p.question, "answer": p.answer, "rewards": [int(p.level == 1)] * 4}
+            for s in range(3) for p in easy[4 * s:4 * s + 4] + hard[4 * s:4 * s + 4]]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    v05_prior_replay.main([str(path), "--history", "16", "--only", "context mean,level mean,knn"])
+    res = {line.split("\t")[1].strip(): dict(kv.split("=") for kv in line.split("\t")[2].split())
+           for line in capsys.readouterr().out.splitlines()}
+    assert set(res) == {"context mean", "level mean", "knn"}
+    assert float(res["context mean"]["prior_mse"]) == pytest.approx(0.25)  # half the rows 1, half 0
+    assert float(res["level mean"]["prior_mse"]) < 0.05  # (4 + 1) / 6 against 1, 1 / 6 against 0
+    assert float(res["level mean"]["simulated_k_mean"]) < float(res["context mean"]["simulated_k_mean"])
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(SystemExit, match=r"prompts.jsonl:25"):
+        v05_prior_replay.main([str(path), "--only", "context mean"])
