@@ -16,6 +16,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import v05_prior_replay  # noqa: E402
 import v05_sim  # noqa: E402
+import v05_vs_grpo  # noqa: E402
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")
 TINY = ["--steps", "2", "--prompts-per-step", "2", "--k-init", "2", "--k-max", "4", "--round-max", "1",
@@ -275,3 +276,20 @@ def test_prior_replay_scores_predictors_on_a_run(tmp_path, capsys):
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(SystemExit, match=r"prompts.jsonl:25"):
         v05_prior_replay.main([str(path), "--only", "context mean"])
+
+
+def test_v05_vs_grpo_pairs_runs_seed_by_seed(tmp_path, capsys):
+    def log(name, rows):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log("v", [{"step": 0, "rollouts": 8, "eval_acc": 0.3}, {"step": 1, "rollouts": 20, "acc": 0.5},
+              {"step": 2, "rollouts": 12, "acc": 0.7, "eval_acc": 0.6}])
+    log("g", [{"step": 0, "eval_acc": 0.3}, {"step": 1, "rollouts": 16, "acc": 0.25},
+              {"step": 2, "rollouts": 16, "acc": 0.5, "eval_acc": 0.5}])
+    r = v05_vs_grpo.compare(tmp_path / "v", tmp_path / "g")
+    assert r["rollouts"] == 40 and r["big"] == 128 and r["share"] == pytest.approx(40 / 128)  # 8 prompts x 16
+    v05_vs_grpo.main(["--v05", str(tmp_path / "v"), "--grpo", str(tmp_path / "g")])
+    assert "mean +0.225" in capsys.readouterr().out  # (0.25 + 0.2) / 2
+    log("g1", [{"step": 0}, {"step": 1, "rollouts": 16, "acc": 0.25}])
+    with pytest.raises(SystemExit, match="different steps"):
+        v05_vs_grpo.compare(tmp_path / "v", tmp_path / "g1")
