@@ -892,7 +892,7 @@ def policy_update(policy, optimizer, batch: dict, adv, args, old_logp=None, ref_
     def loss_fn(r):
         mbatch = slice_batch(batch, r)
         fw = forward_logprobs(policy, mbatch, args.temperature, args.logp_chunk, entropy=True,
-                              share_prompts=getattr(args, "share_prompts", False))
+                              share_prompts=args.share_prompts)
         o = old_logp[r] if old_logp is not None else fw["logp"].detach()  # mu=1: pi_old == pi, no 2nd pass
         loss, st = policy_loss(fw["logp"], o, adv[r], mbatch["response_mask"], args.eps_low, args.eps_high,
                                args.dual_clip, args.loss_agg, args.max_new_tokens,

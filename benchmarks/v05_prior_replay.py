@@ -50,10 +50,11 @@ def predictors(model, bb) -> dict:
     levels = {p.question: p.level for p in C.arith_problems("train")}
     embed = lambda texts: bb.pooled(bb.encode(texts)).numpy()  # noqa: E731 -> [N, d]
 
-    def level_mean(ctx, qs, fresh):
+    def level_mean(ctx, qs, fresh):  # (sum of same-level rates + 2 m) / (same-level rows + 2); m = context mean
         y, m = np.array([r for _, r in ctx]), np.mean([r for _, r in ctx])
-        lv = np.array([levels.get(q, -1) for q, _ in ctx])
-        return np.array([(y[lv == levels.get(q, -2)].sum() + 2 * m) / ((lv == levels.get(q, -2)).sum() + 2) for q in qs])
+        lv = np.array([levels.get(q) for q, _ in ctx])  # None off the arith data: no row matches, the prior is m
+        same = [(lv == levels[q]) if q in levels else np.zeros(len(y), bool) for q in qs]
+        return np.array([(y[s].sum() + 2 * m) / (s.sum() + 2) for s in same])
 
     def v0_fresh(ctx, qs, fresh):  # leave-one-out: prompt i's own k_init rollouts never enter its context
         return np.array([v05.prior_from_v0(model, bb, ctx + [f for j, f in enumerate(fresh) if j != i], [q])[0]

@@ -124,7 +124,6 @@ def test_hf_sampler_is_seeded_and_respects_min_tokens(tiny_lm, tiny_tok):
 def test_grad_checkpointing_gives_the_same_update_and_returns_to_eval(tiny_lm):
     """--grad-checkpointing changes memory, not numbers: the same step for the policy and for a ValueModel."""
     import copy
-    from types import SimpleNamespace
     rolls = [C.Rollout(0, [5, 6, 7][: 1 + i % 3], [10 + i, 11, 12, 13][: 2 + i % 3], "", [-1.0] * 4, "stop")
              for i in range(4)]
     batch = C.collate(rolls, pad_id=0)
@@ -132,9 +131,9 @@ def test_grad_checkpointing_gives_the_same_update_and_returns_to_eval(tiny_lm):
     returns = torch.rand(4, batch["response_mask"].shape[1]) * batch["response_mask"]
     out = []
     for ckpt in (False, True):
-        args = SimpleNamespace(epochs=1, minibatch_size=0, micro_batch_size=2, seed=0, max_grad_norm=1e9, temperature=1.0,
-                               logp_chunk=4, eps_low=0.2, eps_high=0.2, dual_clip=0.0, loss_agg="token-mean",
-                               max_new_tokens=4, kl_coef=0.0, kl_type="k3", grad_checkpointing=ckpt, autocast="off")
+        args = C.TrainArgs(epochs=1, minibatch_size=0, micro_batch_size=2, seed=0, max_grad_norm=1e9, temperature=1.0,
+                           logp_chunk=4, eps_low=0.2, eps_high=0.2, dual_clip=0.0, loss_agg="token-mean",
+                           max_new_tokens=4, kl_coef=0.0, kl_type="k3", grad_checkpointing=ckpt, autocast="off")
         torch.manual_seed(0)  # the same random head in both runs
         policy, critic = copy.deepcopy(tiny_lm), C.ValueModel(copy.deepcopy(tiny_lm))
         torch.nn.init.normal_(critic.head.weight, std=0.5)
@@ -155,14 +154,13 @@ def test_bf16_autocast_is_mixed_precision_and_close_to_float32(tiny_lm):
     (cosine > 0.99 over all parameters) and log-probs stay within 0.05 of float32's (tolerance ours: bf16 keeps
     8 bits of mantissa; on smollm2-135m the mean gap measured 0.017)."""
     import copy
-    from types import SimpleNamespace
     batch = make_batch(3, B=6, vocab=tiny_lm.config.vocab_size)
     adv = torch.linspace(-1, 1, 6)[:, None] * batch["response_mask"]
     deltas, logps = [], []
     for mode in ("off", "bf16"):
-        args = SimpleNamespace(epochs=1, minibatch_size=0, micro_batch_size=3, seed=0, max_grad_norm=1e9, temperature=1.0,
-                               logp_chunk=4, eps_low=0.2, eps_high=0.2, dual_clip=0.0, loss_agg="token-mean",
-                               max_new_tokens=12, kl_coef=0.0, kl_type="k3", grad_checkpointing=False, autocast=mode)
+        args = C.TrainArgs(epochs=1, minibatch_size=0, micro_batch_size=3, seed=0, max_grad_norm=1e9, temperature=1.0,
+                           logp_chunk=4, eps_low=0.2, eps_high=0.2, dual_clip=0.0, loss_agg="token-mean",
+                           max_new_tokens=12, kl_coef=0.0, kl_type="k3", grad_checkpointing=False, autocast=mode)
         policy = copy.deepcopy(tiny_lm)
         with torch.no_grad(), C.update_mode(policy, False, mode):
             logps.append(C.forward_logprobs(policy, batch)["logp"])
