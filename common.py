@@ -87,7 +87,8 @@ class TrainArgs:
                      choices=["auto", "float32", "bfloat16", "float16"])
     share_prompts: bool = arg(False, "run a group's shared prompt through the decoder once in the update "
                               "(common.shared_prompt_states): ~30%% fewer training tokens at G=4, same numbers up to "
-                              "float rounding; off by default: that rounding is not bit-identical across a --resume")
+                              "float rounding (deterministic, --resume exact); off where the default runs' committed "
+                              "logs were made with one pass per row, on in v05 (groups of 4-16 rows)")
     logp_chunk: int = arg(1024, "tokens per chunk of the lm-head/log-softmax (memory vs speed); 0: all at once "
                           "and no recompute in backward (fastest; the [tokens, vocab] logits are kept)")
     grad_checkpointing: bool = arg(False, "recompute each decoder layer's activations in backward instead of "
@@ -607,10 +608,9 @@ def shared_prompt_states(base, batch: dict, share: bool = True):
     A group's G rollouts share one prompt, so (share=True) each distinct prompt goes through the decoder once
     and its keys/values are handed to the G responses (a differentiable index into the KV cache): on GRPO's
     8 prompts x 4 rollouts of ~46 + 64 tokens that is 2416 tokens of forward and backward instead of 3520.
-    Same numbers as one pass over [prompt | response] rows up to float rounding (tested). Ours (an
-    optimisation, no paper's). Falls back to the one pass when every prompt is distinct.
-    Known limit: that rounding differs (~1e-6) between a process that ran earlier steps and a fresh one
-    resuming them, so it is opt-in (--share-prompts) and a --resume is exact only without it."""
+    Same numbers as one pass over [prompt | response] rows up to float rounding (tested), and the same bits on
+    every run and every --resume (the backward sums a group's rows in index order; tested). Ours (an
+    optimisation, no paper's). Falls back to the one pass when every prompt is distinct."""
     P, L = batch["prompt_len"], batch["response_ids"].shape[1]
     ids, attn, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     if share:
@@ -623,10 +623,15 @@ def shared_prompt_states(base, batch: dict, share: bool = True):
     cache = DynamicCache(config=base.config)
     hp = base(input_ids=ids[first, :P], attention_mask=attn[first, :P], position_ids=pos[first, :P],
               past_key_values=cache, use_cache=True).last_hidden_state  # [U, P, d]
-    cache.batch_select_indices(inv)  # every layer's keys/values [U, ...] -> [B, ...]
+    # every layer's keys/values [U, ...] -> [B, ...] by index_select, not cache.batch_select_indices: that one
+    # indexes keys[inv], whose backward is index_put_(accumulate=True), summed with atomic adds on CPU (the G
+    # rows of a prompt land on one row in a thread-dependent order: ~1e-6 run-to-run drift); index_select's
+    # backward (index_add_) sums in index order, so a run and its --resume agree to the bit
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, inv), layer.values.index_select(0, inv)
     hr = base(input_ids=ids[:, P:], attention_mask=attn, position_ids=pos[:, P:], past_key_values=cache,
               use_cache=True).last_hidden_state  # [B, L, d]
-    return torch.cat([hp[inv, P - 1:P], hr[:, :L - 1]], 1)
+    return torch.cat([hp[:, P - 1:P].index_select(0, inv), hr[:, :L - 1]], 1)
 
 
 def forward_logprobs(model, batch: dict, temperature: float = 1.0, chunk: int = 1024, entropy: bool = False,

@@ -85,6 +85,24 @@ def test_shared_prompts_give_the_same_logprobs_and_grads(tiny_lm, G):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_shared_prompts_backward_sums_in_a_fixed_order(tiny_lm):
+    """The shared pass hands a prompt's states to its G rows with index_select, whose backward (index_add_) sums
+    the G rows' gradients in index order. Advanced indexing (x[inv], as DynamicCache.batch_select_indices does)
+    backs up through index_put_(accumulate=True), which on CPU adds with atomics in a thread-dependent order:
+    that was the ~1e-6 drift between a run and its --resume. No such node may be in the graph."""
+    h = C.shared_prompt_states(tiny_lm.get_decoder(), grouped_batch(G=4), share=True)  # [B, L, d]
+    seen, todo, names = set(), [h.grad_fn], []
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        todo += [f for f, _ in fn.next_functions]
+    assert not [n for n in names if n.startswith("IndexBackward")], "advanced indexing: non-deterministic backward on CPU"
+    assert "IndexSelectBackward0" in names, "the shared path was not taken"
+
+
 def test_hidden_layer_is_that_layers_output(tiny_lm):
     batch = make_batch()
     with torch.no_grad():
