@@ -102,6 +102,9 @@ class Args(C.TrainArgs):
     prior_noise: float = arg(0.1, "oracle/corrupt: std of the Gaussian noise added to the Monte-Carlo p")
     prior_constant: float = arg(0.5, "constant: the prior every prompt gets")
     corrupt_frac: float = arg(0.25, "corrupt: share of prompts whose prior is set to the far end")
+    share_prompts: bool = arg(True, "run a prompt through the decoder once for all its 4-16 rollouts in the update "
+                              "(common.shared_prompt_states; ours, on here because V0.5's groups repeat a prompt up to "
+                              "16 times: about half the training tokens; same numbers up to float rounding)")
 
 
 # ------------------------------------------------------------------------------------------------
