@@ -82,8 +82,8 @@ ALPHA = float(2 * stats.norm.sf(1.0))  # 2 (1 - Phi(1)) ~ 0.3173: the level of t
 @dataclass
 class Args(C.TrainArgs):
     """V0.5: GRPO-style training where the baseline fuses V0's prior with k >= k_init rollouts per prompt."""
-    steps: int = arg(8, "policy updates (each on a fresh batch of prompts); 8 keeps the CPU default near 10 minutes "
-                     "(9 min 27 s to 11 min 0 s over seeds 0-2)")
+    steps: int = arg(8, "policy updates (each on a fresh batch of prompts); 8 keeps the CPU default under 10 minutes "
+                     "(7 min 37 s to 9 min 17 s over seeds 0-2)")
     k_init: int = arg(4, "rollouts every prompt gets before the test")
     k_max: int = arg(16, "rollouts a prompt can get at most")
     cost: float = arg(0.0039, "c: buy one more rollout while the predicted MSE drop exceeds c (+-1 reward scale)")

@@ -11,6 +11,9 @@ rows of the run before the step (the warm-up rows first), and predicts each of t
   level mean    (built-in arith data only) the mean rate of the history rows generated from the same
                 template level, shrunk to the context mean with 2 pseudo-rows: a predictor that is told
                 which of the ten generators wrote the prompt, which no real prior knows
+  v0 oracle shift  V0's predictions moved by one logit offset per step so that their mean equals the mean of
+                the step's final rates: it reads the answers, so it is no prior but a bound on what any
+                calibration of V0 (a per-step offset) could buy
 For each: the test's reject rate at k_init (exact: it needs only the first k_init rewards drawn), the prior's
 MSE and mean error against each prompt's final empirical rate, and the spend the adaptive budget would have
 made, simulated with Bernoulli draws at that final rate (the same for every predictor, so spends compare).
@@ -45,26 +48,37 @@ def read_run(path) -> dict[int, list[dict]]:
     return by_step
 
 
+def shift_to_mean(p, target: float) -> np.ndarray:
+    """p [N] moved by one offset d in logit space, sigmoid(logit(p) + d), so that its mean is target."""
+    from scipy.optimize import brentq
+    from scipy.special import expit, logit
+    z, target = logit(np.clip(p, 1e-4, 1 - 1e-4)), float(np.clip(target, 1e-3, 1 - 1e-3))
+    return expit(z + brentq(lambda d: expit(z + d).mean() - target, -30, 30))
+
+
 def predictors(model, bb) -> dict:
-    """name -> predict(ctx [(question, rate)], questions, fresh [(question, k_init rate)] of this step) -> [N]"""
+    """name -> predict(ctx [(question, rate)], questions, fresh [(question, k_init rate)] of this step,
+    final [N] this step's final rates (only the oracle-shift bound reads them)) -> [N]"""
     levels = {p.question: p.level for p in C.arith_problems("train")}
     embed = lambda texts: bb.pooled(bb.encode(texts)).numpy()  # noqa: E731 -> [N, d]
 
-    def level_mean(ctx, qs, fresh):  # (sum of same-level rates + 2 m) / (same-level rows + 2); m = context mean
+    def level_mean(ctx, qs, fresh, final):  # (sum of same-level rates + 2 m) / (same-level rows + 2); m = context mean
         y, m = np.array([r for _, r in ctx]), np.mean([r for _, r in ctx])
         lv = np.array([levels.get(q) for q, _ in ctx])  # None off the arith data: no row matches, the prior is m
         same = [(lv == levels[q]) if q in levels else np.zeros(len(y), bool) for q in qs]
         return np.array([(y[s].sum() + 2 * m) / (s.sum() + 2) for s in same])
 
-    def v0_fresh(ctx, qs, fresh):  # leave-one-out: prompt i's own k_init rollouts never enter its context
+    def v0_fresh(ctx, qs, fresh, final):  # leave-one-out: prompt i's own k_init rollouts never enter its context
         return np.array([v05.prior_from_v0(model, bb, ctx + [f for j, f in enumerate(fresh) if j != i], [q])[0]
                          for i, q in enumerate(qs)])
 
-    out = {"v0": lambda ctx, qs, fresh: v05.prior_from_v0(model, bb, ctx, qs),
+    out = {"v0": lambda ctx, qs, fresh, final: v05.prior_from_v0(model, bb, ctx, qs),
            "v0 fresh": v0_fresh,
-           "knn": lambda ctx, qs, fresh: V0.knn_baseline(embed([c for c, _ in ctx]), np.array([r for _, r in ctx]), embed(qs)),
-           "context mean": lambda ctx, qs, fresh: np.full(len(qs), np.mean([r for _, r in ctx]))}
-    return {**out, "level mean": level_mean}
+           "knn": lambda ctx, qs, fresh, final: V0.knn_baseline(embed([c for c, _ in ctx]), np.array([r for _, r in ctx]),
+                                                                embed(qs)),
+           "context mean": lambda ctx, qs, fresh, final: np.full(len(qs), np.mean([r for _, r in ctx]))}
+    return {**out, "level mean": level_mean,
+            "v0 oracle shift": lambda ctx, qs, fresh, final: shift_to_mean(out["v0"](ctx, qs, fresh, final), np.mean(final))}
 
 
 def replay(by_step, predict, H: int, k_init: int = 4, reps: int = 20, seed: int = 0) -> dict:
@@ -72,7 +86,8 @@ def replay(by_step, predict, H: int, k_init: int = 4, reps: int = 20, seed: int 
     history, prior, r_init, r_final = [(r["question"], rate(r)) for r in by_step[0]], [], [], []
     for s in sorted(by_step)[1:]:
         cur = by_step[s]
-        prior += list(predict(history[-H:], [r["question"] for r in cur], [(r["question"], rate(r, k_init)) for r in cur]))
+        prior += list(predict(history[-H:], [r["question"] for r in cur], [(r["question"], rate(r, k_init)) for r in cur],
+                              np.array([rate(r) for r in cur])))
         r_init += [rate(r, k_init) for r in cur]
         r_final += [rate(r) for r in cur]
         history += [(r["question"], rate(r)) for r in cur]

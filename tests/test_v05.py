@@ -259,17 +259,19 @@ def test_corrupt_prior_runs_and_reports_where_it_spent(tmp_path):
 
 def test_prior_replay_scores_predictors_on_a_run(tmp_path, capsys):
     """benchmarks/v05_prior_replay.py on a made-up run where the success rate is set by the template level:
-    the predictor told the level must beat the context mean by far, and a bad row names its line."""
+    the predictor told the level must beat the context mean by far, V0 shifted to each step's mean rate has no
+    mean error, and a bad row names its line."""
     probs = v05.C.arith_problems("train")
     easy, hard = [p for p in probs if p.level == 1][:12], [p for p in probs if p.level == 10][:12]
     rows = [{"step": s, "question": p.question, "answer": p.answer, "rewards": [int(p.level == 1)] * 4}
             for s in range(3) for p in easy[4 * s:4 * s + 4] + hard[4 * s:4 * s + 4]]
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    v05_prior_replay.main([str(path), "--history", "16", "--only", "context mean,level mean,knn"])
+    v05_prior_replay.main([str(path), "--history", "16", "--only", "context mean,level mean,knn,v0 oracle shift"])
     res = {line.split("\t")[1].strip(): dict(kv.split("=") for kv in line.split("\t")[2].split())
            for line in capsys.readouterr().out.splitlines()}
-    assert set(res) == {"context mean", "level mean", "knn"}
+    assert set(res) == {"context mean", "level mean", "knn", "v0 oracle shift"}
+    assert abs(float(res["v0 oracle shift"]["prior_bias"])) < 1e-3  # shifted to each step's mean final rate
     assert float(res["context mean"]["prior_mse"]) == pytest.approx(0.25)  # half the rows 1, half 0
     assert float(res["level mean"]["prior_mse"]) < 0.05  # (4 + 1) / 6 against 1, 1 / 6 against 0
     assert float(res["level mean"]["simulated_k_mean"]) < float(res["context mean"]["simulated_k_mean"])
