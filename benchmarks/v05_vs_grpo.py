@@ -21,7 +21,17 @@ def metrics(run) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         raise SystemExit(f"{path}: not found (pass the run's --out folder)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                r = json.loads(line)
+                if int(r["step"]) > 0:  # training steps need acc; step 0 is the evaluation / warm-up row
+                    float(r["acc"])
+                rows.append(r)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise SystemExit(f"{path}:{i}: not a metrics row with step and acc ({e!r})") from None
+    return rows
 
 
 def compare(v05_run, grpo_run, grpo_group: int = 4, big_group: int = 16) -> dict:

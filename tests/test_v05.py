@@ -295,3 +295,6 @@ def test_v05_vs_grpo_pairs_runs_seed_by_seed(tmp_path, capsys):
     log("g1", [{"step": 0}, {"step": 1, "rollouts": 16, "acc": 0.25}])
     with pytest.raises(SystemExit, match="different steps"):
         v05_vs_grpo.compare(tmp_path / "v", tmp_path / "g1")
+    (tmp_path / "g1" / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "rollouts": 16}\n')
+    with pytest.raises(SystemExit, match=r"g1/metrics.jsonl:2: .*acc"):
+        v05_vs_grpo.compare(tmp_path / "v", tmp_path / "g1")
