@@ -49,11 +49,15 @@ Choices that are ours, not the paper's
     make it 0 although the test rejected); when it keeps H0, D2 = 0 as in the paper.
   - --scale-std divides by the Bernoulli std of a +-1 reward, 2 sqrt(mu (1 - mu)), floored at 0.2: a group
     whose rewards are all equal still has a nonzero advantage here, so the group's own std cannot be used.
-  - The history: a FIFO of this run's (prompt, empirical success rate v_k) rows, --history long, seeded by a
-    warm-up step of --warmup-prompts prompts x k_init rollouts (counted in the rollouts spent, logged as
-    step 0). The warm-up prompts are the far end of the training stream's first pass (warmup_problems), so
-    the training steps see the same prompts as grpo.py at the same seed. V0 is the pretrained model from
-    v0.py, never updated here. With --warmup-prompts 0 the first step has no history and every prompt gets
+  - The prior's V0 (--v0 auto) is pretrained/v0-smollm2-arith-ck: v0.py's model trained on the base policy at
+    three temperatures and on three GRPO checkpoints of it (steps 2, 5, 10), i.e. on (model, training step)
+    tasks as the paper's V0 is; the V0 shipped for v0.py (base policy only) let the test reject more (README).
+  - The history: a FIFO of this run's (prompt, empirical success rate v_k) rows, --history 16 long (the last
+    two steps at 8 prompts a step: the paper's V0 reads rows of one (model, step), and older rows describe a
+    policy that has since moved), seeded by a warm-up step of --warmup-prompts prompts x k_init rollouts
+    (counted in the rollouts spent, logged as step 0). The warm-up prompts are the far end of the training
+    stream's first pass (warmup_problems), so the training steps see the same prompts as grpo.py at the same
+    seed. V0 is never updated here. With --warmup-prompts 0 the first step has no history and every prompt gets
     --prior-constant.
   - The update runs each prompt through the decoder once for all its 4-16 rollouts (--share-prompts, on by
     default here only: a plain optimisation, same numbers up to float rounding, about 40% less training time).
@@ -78,6 +82,7 @@ import common as C
 import v0 as V0  # the one allowed cross-import: V0.5 is V0 plus fusion
 from common import arg
 
+V0_DEFAULT = "pretrained/v0-smollm2-arith-ck"  # committed; V0 trained on the base policy and 3 of its GRPO checkpoints
 ALPHA = float(2 * stats.norm.sf(1.0))  # 2 (1 - Phi(1)) ~ 0.3173: the level of the paper's |z| <= 1 rule
 
 
@@ -85,7 +90,7 @@ ALPHA = float(2 * stats.norm.sf(1.0))  # 2 (1 - Phi(1)) ~ 0.3173: the level of t
 class Args(C.TrainArgs):
     """V0.5: GRPO-style training where the baseline fuses V0's prior with k >= k_init rollouts per prompt."""
     steps: int = arg(8, "policy updates (each on a fresh batch of prompts); 8 keeps the CPU default under 10 minutes "
-                     "(7 min 37 s to 9 min 17 s over seeds 0-2)")
+                     "(6 min 48 s to 8 min 48 s over seeds 0-4)")
     k_init: int = arg(4, "rollouts every prompt gets before the test")
     k_max: int = arg(16, "rollouts a prompt can get at most")
     cost: float = arg(0.0039, "c: buy one more rollout while the predicted MSE drop exceeds c (+-1 reward scale)")
@@ -98,8 +103,9 @@ class Args(C.TrainArgs):
     scale_std: bool = arg(False, "divide A by the +-1 reward's Bernoulli std 2 sqrt(mu (1 - mu)) (floored at 0.2)")
     prior: str = arg("v0", "v0: the V0 model; oracle: Monte-Carlo p + noise; constant; corrupt: oracle, but far "
                      "off on --corrupt-frac of prompts", choices=["v0", "oracle", "constant", "corrupt"])
-    v0: str = arg("auto", "V0 checkpoint (auto: the shipped one when it was trained for --model)")
-    history: int = arg(64, "the policy's most recent (prompt, success rate) rows V0 reads as context")
+    v0: str = arg("auto", f"V0 checkpoint (auto: the shipped {V0_DEFAULT} when it was trained for --model)")
+    history: int = arg(16, "the policy's most recent (prompt, success rate) rows V0 reads as context (16: the last two "
+                       "steps; ours)")
     warmup_prompts: int = arg(8, "prompts rolled out k_init times before step 1 to seed the history")
     prior_noise: float = arg(0.1, "oracle/corrupt: std of the Gaussian noise added to the Monte-Carlo p")
     prior_constant: float = arg(0.5, "constant: the prior every prompt gets")
@@ -224,17 +230,17 @@ def v0_checkpoint(args: Args) -> str:
     """--v0 auto: the shipped V0 when its collected rows name --model; otherwise say how to make one."""
     if args.v0 != "auto":
         return args.v0
-    folder = V0.v0_folder(V0.PRETRAINED)
+    folder = V0.v0_folder(V0_DEFAULT)
     trained_for = {r["model"].split("@")[0] for r in V0.read_rows(folder / "context.jsonl")}
     if args.model not in trained_for:
         raise SystemExit(
-            f"--model {args.model}: no V0 was trained for this policy (the shipped {V0.PRETRAINED} was trained for "
+            f"--model {args.model}: no V0 was trained for this policy (the shipped {V0_DEFAULT} was trained for "
             f"{', '.join(sorted(trained_for))}). Make one, then pass --v0:\n"
             f"  python v0.py collect --model {args.model} --data {args.data} --out data/v0_mine/context.jsonl\n"
             f"  python v0.py train --data data/v0_mine --out runs/v0_mine\n"
             f"  python v05.py --model {args.model} --v0 runs/v0_mine\n"
             "or run without V0: --prior constant (a fixed prior; the test then decides everything).")
-    return V0.PRETRAINED
+    return V0_DEFAULT
 
 
 def prior_from_v0(model, bb, history: list[tuple[str, float]], questions: list[str]) -> np.ndarray:

@@ -3,7 +3,7 @@
 The question it answers: is V0.5's spend limited by V0, or by what the run's history can tell about the next
 step's prompts at all? Every predictor below sees exactly what V0 sees, the last H (prompt, success rate)
 rows of the run before the step (the warm-up rows first), and predicts each of the step's prompts:
-  v0            the run's V0 (the shipped one unless --v0), as in training
+  v0            the run's V0 (v05.py's shipped one unless --v0), as in training
   v0 fresh      V0 with this step's other prompts' k_init rates added to the context (leave-one-out, so a
                 prompt's prior never sees its own rollouts): how much a context one step fresher would buy
   knn           k nearest history rows by cosine similarity of the backbone embedding (v0.knn_baseline)
@@ -104,7 +104,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("prompts", nargs="?", default="runs/v05_default/prompts.jsonl", help="a v05 run's OUT/prompts.jsonl")
     ap.add_argument("--history", default="16,64,128", help="context lengths H to replay (comma-separated)")
-    ap.add_argument("--v0", default=V0.PRETRAINED, help="V0 checkpoint (default: the shipped one)")
+    ap.add_argument("--v0", default=v05.V0_DEFAULT, help="V0 checkpoint (default: the one v05.py ships with)")
     ap.add_argument("--only", default="", help="comma-separated predictor names (default: all)")
     a = ap.parse_args(argv)
     by_step = read_run(a.prompts)

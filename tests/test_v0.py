@@ -241,8 +241,9 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert p.returncode != 0 and "not a V0 checkpoint" in p.stderr
 
 
-def test_pretrained_v0_ships_with_its_context():
-    ck = ROOT / v0.PRETRAINED
+@pytest.mark.parametrize("folder", [v0.PRETRAINED, "pretrained/v0-smollm2-arith-ck"])  # v0.py's, v05.py's
+def test_pretrained_v0_ships_with_its_context(folder):
+    ck = ROOT / folder
     assert (ck / "v0.safetensors").stat().st_size < 8 * 2**20  # "a few MB at most"
     model, bb = v0.load_v0(ck)
     prompts = v0.read_prompts(ck / "prompt_dict.json")

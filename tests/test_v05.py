@@ -200,7 +200,7 @@ def test_warmup_prompts_are_disjoint_from_the_training_prompts_grpo_also_gets():
 def test_no_matching_v0_says_how_to_make_one():
     with pytest.raises(SystemExit, match="v0.py collect"):
         v05.v0_checkpoint(v05.Args(model="Qwen3-4B"))
-    assert v05.v0_checkpoint(v05.Args()) == v05.V0.PRETRAINED
+    assert v05.v0_checkpoint(v05.Args()) == v05.V0_DEFAULT
     assert v05.v0_checkpoint(v05.Args(model="Qwen3-4B", v0="runs/mine")) == "runs/mine"
 
 
