@@ -11,6 +11,7 @@ import torch
 
 import grpo
 import v0
+import v05
 from conftest import ROOT, SHARED
 
 V0_DATA = SHARED / "data" / "v0"
@@ -241,10 +242,12 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert p.returncode != 0 and "not a V0 checkpoint" in p.stderr
 
 
-@pytest.mark.parametrize("folder", [v0.PRETRAINED, "pretrained/v0-smollm2-arith-ck"])  # v0.py's, v05.py's
+@pytest.mark.parametrize("folder", [v0.PRETRAINED, v05.V0_DEFAULT])  # v0.py's, v05.py's
 def test_pretrained_v0_ships_with_its_context(folder):
     ck = ROOT / folder
     assert (ck / "v0.safetensors").stat().st_size < 8 * 2**20  # "a few MB at most"
+    config = json.loads((ck / "config.json").read_text())  # the data it was trained on is committed beside it
+    assert len(v0.read_rows(ROOT / config["trained_on"] / "context.jsonl")) > config["rows"]  # rows + --val share
     model, bb = v0.load_v0(ck)
     prompts = v0.read_prompts(ck / "prompt_dict.json")
     rows = v0.read_rows(ck / "context.jsonl", prompts)
