@@ -841,14 +841,19 @@ class GrpoArgs(C.TrainArgs):
     scale_std: bool = arg(True, "divide advantages by the group std (GRPO)")
 
 
-def initial_history(args: GrpoArgs) -> list[tuple[str, float]]:
-    if args.alloc != "v0" or args.history_init == "none":
+def initial_history(v0_ckpt, spec: str = "auto", n: int = 64, policy: str | None = None) -> list[tuple[str, float]]:
+    """The last n rows to start a policy's history from: spec 'auto' (the V0 checkpoint's own context.jsonl,
+    collected from the base policy), a rows .jsonl (with prompt_dict.json beside it), or 'none'.
+    policy (e.g. 'smollm2-135m@T0.7'): keep only the rows collected from that model at that temperature.
+    -> [(prompt text, success rate)], oldest first"""
+    if spec == "none":
         return []
-    path = v0_folder(args.v0) / "context.jsonl" if args.history_init == "auto" else Path(args.history_init)
+    path = v0_folder(v0_ckpt) / "context.jsonl" if spec == "auto" else Path(spec)
     if not path.exists():
         return []
     prompts = read_prompts(path.parent / "prompt_dict.json")
-    return [(prompts[prompt_key(r)], success_rate(r["score"])) for r in read_rows(path, prompts)][-args.history:]
+    rows = [r for r in read_rows(path, prompts) if policy is None or r.get("model") == policy]
+    return [(prompts[prompt_key(r)], success_rate(r["score"])) for r in rows][-n:]
 
 
 def grpo(args: GrpoArgs):
@@ -859,7 +864,7 @@ def grpo(args: GrpoArgs):
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)
     v0model, bb = load_v0(args.v0) if args.alloc == "v0" else (None, None)
-    history = initial_history(args)  # [(prompt text, success rate)], newest last
+    history = initial_history(args.v0, args.history_init, args.history) if args.alloc == "v0" else []  # newest last
     start = 0
     if args.resume:
         state = C.load_checkpoint(args.out, {"policy": (policy, optimizer)})

@@ -26,7 +26,7 @@ Equation -> function
   the test ........................ z_test_rejects (scipy, the paper's rule), binomial_rejects (--test binomial)
   mu on 0/1 counts ................ fuse
   MSE(k), look-ahead .............. risk, wants_more
-  sequential budget, batched ...... planned_extra, adaptive_rollouts (also drives benchmarks/v05_sim.py)
+  sequential budget, batched ...... sure_extra, adaptive_rollouts (also drives benchmarks/v05_sim.py)
   A_i ............................. v05_advantages
   the prior ....................... prior_from_v0 (v0.predict), noisy_oracle_prior, corrupt_prior
 
@@ -36,14 +36,12 @@ Choices that are ours, not the paper's
     only the budget's c is tied to the +-1 scale, as in the paper. The advantage is taken on the +-1 scale too,
     A = (2 r - 1) - (2 mu - 1): on the 0/1 scale it would be half as large, i.e. half GRPO's step (a group of 4
     with one success gets A = 1.5 / -0.5 from GRPO's std-scaled advantage and from this one).
-  - Batching: all prompts' extra rollouts of a round are sampled in one generate call. With --round-max 1
-    each prompt whose look-ahead pays gets exactly one more per round: the paper's decisions, but up
-    to k_max - k_init rounds, each a full decode pass (latency). --round-max R gives it up to R of the
-    rollouts the look-ahead would buy if D2 kept its current value, then re-tests. In the Bernoulli world
-    (benchmarks/v05_sim.py, sigma 0.1) R = 2 halves the rounds for +3% rollouts at the same MSE; the full plan
-    (R = k_max) spends +19%, because a prompt rejected at k = 4 is often accepted again a few rollouts later.
-    The default is R = 2 (ours): on 2 CPU cores each round is a full decode pass of ~2 s, and R = 1 took
-    10-13 rounds per step.
+  - Batching (the paper's decisions, fewer generate calls): all prompts' extra rollouts of a round are sampled
+    in one generate call, and each prompt gets every rollout the one-at-a-time rule is sure to buy whatever
+    they return (sure_extra: the rule wants more in every state those rollouts can lead to). A prompt's k, its
+    rewards and its baseline are exactly what one rollout per round would give (tested path by path); in the
+    Bernoulli world, steps of 8 prompts with prior noise sigma 0.1-0.3 take 3.7-5.6 rounds instead of 5.4-10.3
+    (benchmarks/v05_sim.py --rounds). --round-max R caps a round at R per prompt (1: one at a time, literally).
   - --test binomial: scipy.stats.binomtest of H0: p = V on the 0/1 counts, at --alpha (default the z-rule's
     level). When it rejects, the squared bias is the plug-in (v_k - V)^2 (no variance correction, which could
     make it 0 although the test rejected); when it keeps H0, D2 = 0 as in the paper.
@@ -52,13 +50,16 @@ Choices that are ours, not the paper's
   - The prior's V0 (--v0 auto) is pretrained/v0-smollm2-arith-ck: v0.py's model trained on the base policy at
     three temperatures and on three GRPO checkpoints of it (steps 2, 5, 10), i.e. on (model, training step)
     tasks as the paper's V0 is; the V0 shipped for v0.py (base policy only) let the test reject more (README).
-  - The history: a FIFO of this run's (prompt, empirical success rate v_k) rows, --history 16 long (the last
-    two steps at 8 prompts a step: the paper's V0 reads rows of one (model, step), and older rows describe a
-    policy that has since moved), seeded by a warm-up step of --warmup-prompts prompts x k_init rollouts
-    (counted in the rollouts spent, logged as step 0). The warm-up prompts are the far end of the training
-    stream's first pass (warmup_problems), so the training steps see the same prompts as grpo.py at the same
-    seed. V0 is never updated here. With --warmup-prompts 0 the first step has no history and every prompt gets
-    --prior-constant.
+  - V0's context: a FIFO of the policy's (prompt, empirical success rate) rows, --history 16 long (the last two
+    steps at 8 prompts a step: the paper's V0 reads rows of one (model, step), and older rows describe a policy
+    that has since moved), plus (--fresh-context, on by default) this step's other prompts' k_init success rates:
+    the only rows of the policy as it is now. So V is predicted after the k_init round, leaving prompt i's own
+    rollouts out of its context (the test compares V with them). The FIFO starts (--history-init auto) from the
+    rows V0's checkpoint carries of this very policy (--model at --temperature; the base policy's rows it was
+    collected for, as v0.py grpo does), so no rollouts are spent on a warm-up. --warmup-prompts N adds one: N
+    prompts x k_init rollouts before step 1, counted in the spend (step 0), taken from the far end of the training
+    stream's first pass (warmup_problems) so training still sees grpo.py's prompts. With no context at all
+    every prompt gets --prior-constant. V0 is never updated here.
   - The update runs each prompt through the decoder once for all its 4-16 rollouts (--share-prompts, on by
     default here only: a plain optimisation, same numbers up to float rounding, about 40% less training time).
   - Ablation priors: oracle = Monte-Carlo p from --oracle-k extra rollouts + N(0, --prior-noise), clipped;
@@ -94,9 +95,9 @@ class Args(C.TrainArgs):
     k_init: int = arg(4, "rollouts every prompt gets before the test")
     k_max: int = arg(16, "rollouts a prompt can get at most")
     cost: float = arg(0.0039, "c: buy one more rollout while the predicted MSE drop exceeds c (+-1 reward scale)")
-    round_max: int = arg(2, "extra rollouts a prompt may get per round: 1 = the paper's one at a time (re-tested "
-                         "after each, one generate call per round); R > 1 = up to R of what the look-ahead buys at the "
-                         "current D2, in one call (ours: fewer rounds, slightly more spend)")
+    round_max: int = arg(0, "cap on the extra rollouts a prompt gets per round (one generate call each): 0 = no cap, "
+                         "every rollout the paper's one-at-a-time rule is sure to buy (sure_extra); 1 = one at a time. "
+                         "The decisions are the paper's either way; only the number of rounds changes")
     test: str = arg("z", "z: the paper's positive-part rule (two-sided z-test, alpha = 2(1 - Phi(1))); binomial: "
                     "exact scipy.stats.binomtest against V", choices=["z", "binomial"])
     alpha: float = arg(ALPHA, "level of --test binomial")
@@ -106,7 +107,13 @@ class Args(C.TrainArgs):
     v0: str = arg("auto", f"V0 checkpoint (auto: the shipped {V0_DEFAULT} when it was trained for --model)")
     history: int = arg(16, "the policy's most recent (prompt, success rate) rows V0 reads as context (16: the last two "
                        "steps; ours)")
-    warmup_prompts: int = arg(8, "prompts rolled out k_init times before step 1 to seed the history")
+    fresh_context: bool = arg(True, "V0 also reads this step's other prompts' k_init success rates (leave-one-out; "
+                              "ours: they are the only rows of the policy as it is now)")
+    history_init: str = arg("auto", "rows the history starts from: auto (the V0 checkpoint's own context.jsonl rows of "
+                            "--model at --temperature: the policy as it starts, collected when V0 was made), a rows "
+                            ".jsonl (prompt_dict.json beside it), or none")
+    warmup_prompts: int = arg(0, "prompts rolled out k_init times before step 1 only to seed the history, counted in "
+                              "the spend (0: none; step 1's own k_init rates are in its context anyway)")
     prior_noise: float = arg(0.1, "oracle/corrupt: std of the Gaussian noise added to the Monte-Carlo p")
     prior_constant: float = arg(0.5, "constant: the prior every prompt gets")
     corrupt_frac: float = arg(0.25, "corrupt: share of prompts whose prior is set to the far end")
@@ -173,41 +180,50 @@ def wants_more(D2, k, cost: float = 0.0039, k_max: int = 16, s2: float = 1.0):
     return (k < k_max) & (risk(D2, k, s2) - risk(D2, k + 1, s2) > cost)
 
 
-def planned_extra(D2, k, cost: float = 0.0039, k_max: int = 16, s2: float = 1.0):
-    """Ours: how many rollouts the one-step look-ahead would buy in a row if D2 kept its current estimate.
-    MSE(k) - MSE(k+1) = s2^2 D2^2 / ((k D2 + s2)((k+1) D2 + s2)) falls with k, so this counts the k' >= k
-    where the gain still exceeds c (and k' < k_max). -> [N] int"""
-    k = np.asarray(k)
-    m = np.zeros_like(k)
-    go = wants_more(D2, k, cost, k_max, s2)
-    while go.any():
-        m = m + go
-        go = go & wants_more(D2, k + m, cost, k_max, s2)
+def sure_extra(hits, k, prior, cost: float = 0.0039, k_max: int = 16, test: str = "z", alpha: float = ALPHA):
+    """Ours: how many more rollouts the paper's one-at-a-time rule is certain to buy, whatever they return. After
+    j more rollouts a prompt has between hits and hits + j successes; rollout j + 1 is certain when the rule
+    (re-test, wants_more) asks for more in every one of those states and every earlier one. Sampling that many in
+    one generate call changes no decision: the rule would have bought them one by one anyway.
+    hits, k, prior [N] (0/1 counts, V0's p) -> [N] int"""
+    hits, k = np.asarray(hits, float), np.asarray(k)
+    m, sure = np.zeros(len(k), dtype=int), np.ones(len(k), dtype=bool)
+    for j in range(k_max):  # j more rollouts drawn ...
+        for a in range(j + 1):  # ... a of them successes
+            sure &= wants_more(fuse(hits + a, k + j, prior, test, alpha)[2], k + j, cost, k_max)
+        if not sure.any():
+            break
+        m += sure
     return m
 
 
 def adaptive_rollouts(draw, prior, k_init: int = 4, k_max: int = 16, cost: float = 0.0039, test: str = "z",
-                      alpha: float = ALPHA, round_max: int = 1) -> dict:
-    """V0.5's budget, batched across prompts: k_init rollouts each, then rounds of extra rollouts until no
-    prompt's look-ahead pays. round_max = 1: one more per prompt per round, the test and D2 re-estimated after
-    each (the paper's rule; all prompts' extra rollouts of a round share one generate call). round_max = R > 1
-    (ours): up to R of the rollouts the look-ahead buys at the current D2 (planned_extra) per round.
+                      alpha: float = ALPHA, round_max: int = 0) -> dict:
+    """V0.5's budget, batched across prompts: k_init rollouts each, then the prior V, then rounds of extra
+    rollouts until no prompt's look-ahead pays. Each round every prompt gets the rollouts the paper's
+    one-at-a-time rule is sure to buy (sure_extra; capped at round_max when > 0; round_max = 1 re-tests after
+    every single rollout), all prompts in one generate call: the paper's decisions, in fewer rounds.
     draw(counts [N] int) -> N sequences of 0/1 rewards (counts[i] fresh rollouts of prompt i; 0: none);
-    prior [N] in [0, 1].
-    -> dict(hits, k, mu, w, D2 [N], reject_init [N] (the test at k_init), reject [N] (the last test), rounds)"""
-    prior = np.asarray(prior, float)
+    prior: [N] in [0, 1], or a function of the k_init success rates [N] -> [N] (V0 reading this step's rates;
+    draw must then have len(), the number of prompts N).
+    -> dict(hits, k, mu, w, D2, prior [N], reject_init [N] (the test at k_init), reject [N] (the last test), rounds)"""
     if not 1 <= k_init <= k_max:
         raise ValueError(f"need 1 <= k_init <= k_max, got k_init={k_init}, k_max={k_max}")
-    hits, k = np.zeros(len(prior)), np.zeros(len(prior), dtype=int)
-    counts, reject_init, rounds = np.full(len(prior), k_init), None, 0
+    n = len(draw) if callable(prior) else len(prior)
+    hits, k = np.zeros(n), np.zeros(n, dtype=int)
+    counts, reject_init, rounds = np.full(n, k_init), None, 0
     while counts.any():
         for i, r in enumerate(draw(counts)):
             hits[i], k[i] = hits[i] + float(np.sum(r)), k[i] + len(r)
+        if callable(prior):  # after the first round: V may read the k_init rates (of the other prompts)
+            prior = np.asarray(prior(hits / k), float)
         mu, w, D2, reject = fuse(hits, k, prior, test, alpha)
         reject_init = reject if reject_init is None else reject_init
-        counts = np.minimum(planned_extra(D2, k, cost, k_max), round_max)
+        counts = sure_extra(hits, k, prior, cost, k_max, test, alpha)
+        counts = np.minimum(counts, round_max) if round_max > 0 else counts
         rounds += 1
-    return dict(hits=hits, k=k, mu=mu, w=w, D2=D2, reject_init=reject_init, reject=reject, rounds=rounds)
+    return dict(hits=hits, k=k, mu=mu, w=w, D2=D2, prior=np.asarray(prior, float), reject_init=reject_init,
+                reject=reject, rounds=rounds)
 
 
 def v05_advantages(rewards: torch.Tensor, group: torch.Tensor, mu: torch.Tensor, scale_std: bool = False,
@@ -243,9 +259,18 @@ def v0_checkpoint(args: Args) -> str:
     return V0_DEFAULT
 
 
-def prior_from_v0(model, bb, history: list[tuple[str, float]], questions: list[str]) -> np.ndarray:
-    """V0's p(x) for each question, in context of the policy's history [(question, success rate)]. -> [N]"""
-    return V0.predict(model, bb, [h[0] for h in history], [h[1] for h in history], questions)
+def prior_from_v0(model, bb, history: list[tuple[str, float]], questions: list[str], fresh=None,
+                  fallback: float = 0.5) -> np.ndarray:
+    """V0's p(x_i) for each question, in context of the policy's history [(question, success rate)].
+    fresh [N] (ours, --fresh-context): this step's k_init success rates of the same questions; prompt i's context
+    then also holds the other prompts' rows (leave-one-out: V must not read prompt i's own rollouts, which the test
+    compares it with). An empty context (no history, one prompt) gives the fallback. -> [N]"""
+    def p(ctx, qs):
+        return V0.predict(model, bb, [c[0] for c in ctx], [c[1] for c in ctx], qs) if ctx else np.full(len(qs), fallback)
+    if fresh is None:
+        return p(history, questions)
+    rows = [(q, float(r)) for q, r in zip(questions, fresh)]
+    return np.array([p(history + rows[:i] + rows[i + 1:], [q])[0] for i, q in enumerate(questions)])
 
 
 def noisy_oracle_prior(p_oracle, noise: float, rng) -> np.ndarray:
@@ -268,16 +293,20 @@ class PolicyDraw:
     """The `draw` adaptive_rollouts calls during training: sample counts[i] rollouts of prompt i in one batched
     generate call, score them, and keep every Rollout and reward (rollouts[i], rewards[i]: prompt i's)."""
 
-    def __init__(self, sampler, tok, probs: list[C.Problem], args: Args, seed: int):
-        self.sampler, self.probs, self.args, self.seed = sampler, probs, args, seed
+    def __init__(self, sampler, tok, probs: list[C.Problem], args: Args, seed: int, timer=None):
+        self.sampler, self.probs, self.args, self.seed, self.timer = sampler, probs, args, seed, timer or C.Timer()
         self.texts = [C.build_prompt(tok, p) for p in probs]
         self.rollouts, self.rewards = [[] for _ in probs], [[] for _ in probs]
         self.calls, self.no_answer = 0, 0
 
+    def __len__(self):
+        return len(self.probs)
+
     def __call__(self, counts) -> list[list[float]]:
         idx = np.nonzero(counts)[0]
-        roll = self.sampler.generate([self.texts[i] for i in idx], counts[idx].tolist(), self.args.max_new_tokens,
-                                     self.args.temperature, seed=self.seed + 7_001 * self.calls)
+        with self.timer("time_gen"):
+            roll = self.sampler.generate([self.texts[i] for i in idx], counts[idx].tolist(), self.args.max_new_tokens,
+                                         self.args.temperature, seed=self.seed + 7_001 * self.calls)
         correct, na = C.score([r.text for r in roll], [self.probs[idx[r.prompt_idx]].answer for r in roll])
         self.calls, self.no_answer = self.calls + 1, self.no_answer + na
         new = [[] for _ in self.probs]
@@ -317,6 +346,10 @@ def main(args: Args):
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)
     history, start = [], 0  # history: [(question, empirical success rate)], newest last
+    if args.prior == "v0":  # the policy before any update: V0's own rows of it, when it was made from this policy
+        label = f"{args.model}@T{args.temperature:g}" if args.history_init == "auto" else None
+        history = V0.initial_history(v0_checkpoint(args), args.history_init, args.history, label)
+        print(f"v05: the history starts with {len(history)} rows" + (f" of {label}" if label else ""))
     if args.resume:
         state = C.load_checkpoint(args.out, {"policy": (policy, optimizer)})
         start, stream.cursor, history = state["step"], state["extra"]["cursor"], state["extra"]["history"]
@@ -325,13 +358,13 @@ def main(args: Args):
     prompt_log = Path(args.out) / "prompts.jsonl"  # one row per prompt and step: where the budget went, and why
     C.keep_steps(prompt_log, start)
 
-    if start == 0:  # warm-up: k_init rollouts on fresh prompts, only to seed V0's history
+    if start == 0:  # --warmup-prompts > 0: k_init rollouts on other prompts, only to seed V0's history
         warm = warmup_problems(train_set, args.seed, args.warmup_prompts) if args.prior == "v0" else []
         metrics = {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed) if eval_set else None}
         if warm:
             draw = PolicyDraw(sampler, tok, warm, args, seed=args.seed * 1_000_003)
             rates = np.array([np.mean(r) for r in draw(np.full(len(warm), args.k_init))])
-            history = [(p.question, float(r)) for p, r in zip(warm, rates)][-args.history:]
+            history = (history + [(p.question, float(r)) for p, r in zip(warm, rates)])[-args.history:]
             log_prompts(prompt_log, 0, warm, draw.rewards)
             metrics.update(rollouts=len(warm) * args.k_init, acc=float(rates.mean()))
         logger.log(0, metrics)
@@ -340,25 +373,26 @@ def main(args: Args):
         timer, t0, metrics = C.Timer(), time.perf_counter(), {}
         probs = stream.take(args.prompts_per_step)
         seed, rng = args.seed * 1_000_003 + step * 101, np.random.default_rng([args.seed, step])
-        # 1. the prior V (and, for diagnostics or the ablation priors, a Monte-Carlo p from rollouts kept out)
+        # 1. for diagnostics or the ablation priors: a Monte-Carlo p from rollouts kept out of training
         p_oracle = (C.success_rates(sampler, tok, probs, args.oracle_k, args.max_new_tokens, args.temperature,
                                     seed=args.seed * 7_919 + step) if args.oracle_k > 0 else None)
         corrupted = None
-        with timer("time_prior"):
-            if args.prior == "v0" and history:
-                prior = prior_from_v0(v0model, bb, history, [p.question for p in probs])
-            elif args.prior in ("v0", "constant"):  # v0 with no history yet (--warmup-prompts 0): all look alike
-                prior = np.full(len(probs), args.prior_constant)
-            else:
-                prior = noisy_oracle_prior(p_oracle, args.prior_noise, rng)
-                if args.prior == "corrupt":
-                    prior, corrupted = corrupt_prior(p_oracle, prior, args.corrupt_frac, rng)
+        if args.prior == "v0":  # V0 in context of the history (and of this step's k_init rates, once drawn)
+            def prior(rates_init):
+                with timer("time_prior"):
+                    return prior_from_v0(v0model, bb, history, [p.question for p in probs],
+                                         rates_init if args.fresh_context else None, args.prior_constant)
+        elif args.prior == "constant":
+            prior = np.full(len(probs), args.prior_constant)
+        else:
+            prior = noisy_oracle_prior(p_oracle, args.prior_noise, rng)
+            if args.prior == "corrupt":
+                prior, corrupted = corrupt_prior(p_oracle, prior, args.corrupt_frac, rng)
 
-        # 2. k_init rollouts each, the test, and one more rollout at a time where the prior looks wrong
-        with timer("time_gen"):
-            draw = PolicyDraw(sampler, tok, probs, args, seed)
-            res = adaptive_rollouts(draw, prior, args.k_init, args.k_max, args.cost, args.test, args.alpha, args.round_max)
-        rates, k = res["hits"] / res["k"], res["k"]
+        # 2. k_init rollouts each, the prior V, the test, and more rollouts where the prior looks wrong
+        draw = PolicyDraw(sampler, tok, probs, args, seed, timer)
+        res = adaptive_rollouts(draw, prior, args.k_init, args.k_max, args.cost, args.test, args.alpha, args.round_max)
+        rates, k, prior = res["hits"] / res["k"], res["k"], res["prior"]
         history = (history + [(p.question, float(r)) for p, r in zip(probs, rates)])[-args.history:]
         log_prompts(prompt_log, step, probs, draw.rewards, prior=prior, mu=res["mu"], reject_init=res["reject_init"])
 

@@ -1,11 +1,12 @@
 """Replay a v05 run's OUT/prompts.jsonl with other priors, on the same prompts and rewards.
 
 The question it answers: is V0.5's spend limited by V0, or by what the run's history can tell about the next
-step's prompts at all? Every predictor below sees exactly what V0 sees, the last H (prompt, success rate)
-rows of the run before the step (the warm-up rows first), and predicts each of the step's prompts:
-  v0            the run's V0 (v05.py's shipped one unless --v0), as in training
-  v0 fresh      V0 with this step's other prompts' k_init rates added to the context (leave-one-out, so a
-                prompt's prior never sees its own rollouts): how much a context one step fresher would buy
+step's prompts at all? Every predictor below sees the last H (prompt, success rate) rows of the run before
+the step (the warm-up rows first, if the run had a warm-up), and predicts each of the step's prompts:
+  v0            the run's V0 (v05.py's shipped one unless --v0) as v05.py runs it by default: the history plus
+                this step's other prompts' k_init rates (leave-one-out, so a prompt's prior never sees its own
+                rollouts)
+  v0 history only  V0 on the history alone (v05.py --no-fresh-context)
   knn           k nearest history rows by cosine similarity of the backbone embedding (v0.knn_baseline)
   context mean  the history's mean rate, the same prior for every prompt
   level mean    (built-in arith data only) the mean rate of the history rows generated from the same
@@ -14,9 +15,10 @@ rows of the run before the step (the warm-up rows first), and predicts each of t
   v0 oracle shift  V0's predictions moved by one logit offset per step so that their mean equals the mean of
                 the step's final rates: it reads the answers, so it is no prior but a bound on what any
                 calibration of V0 (a per-step offset) could buy
-For each: the test's reject rate at k_init (exact: it needs only the first k_init rewards drawn), the prior's
-MSE and mean error against each prompt's final empirical rate, and the spend the adaptive budget would have
-made, simulated with Bernoulli draws at that final rate (the same for every predictor, so spends compare).
+The non-V0 predictors fall back to 0.5 where the history is still empty (step 1 of a run without a warm-up). For each: the
+test's reject rate at k_init (exact: it needs only the first k_init rewards drawn), the prior's MSE and mean
+error against each prompt's final empirical rate, and the spend the adaptive budget would have made, simulated
+with Bernoulli draws at that final rate (the same for every predictor, so spends compare).
 
     python v05.py --out runs/v05_default
     python benchmarks/v05_prior_replay.py runs/v05_default/prompts.jsonl [--history 16,64,128] [--v0 CKPT]
@@ -43,8 +45,8 @@ def read_run(path) -> dict[int, list[dict]]:
                 by_step.setdefault(int(r["step"]), []).append(r)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise SystemExit(f"{path}:{i}: not a v05 prompts.jsonl row ({e})") from None
-    if 0 not in by_step:
-        raise SystemExit(f"{path}: no warm-up rows (step 0); replay needs a run with --prior v0 and --warmup-prompts > 0")
+    if not set(by_step) - {0}:
+        raise SystemExit(f"{path}: no training steps (step >= 1) to replay")
     return by_step
 
 
@@ -68,23 +70,21 @@ def predictors(model, bb) -> dict:
         same = [(lv == levels[q]) if q in levels else np.zeros(len(y), bool) for q in qs]
         return np.array([(y[s].sum() + 2 * m) / (s.sum() + 2) for s in same])
 
-    def v0_fresh(ctx, qs, fresh, final):  # leave-one-out: prompt i's own k_init rollouts never enter its context
-        return np.array([v05.prior_from_v0(model, bb, ctx + [f for j, f in enumerate(fresh) if j != i], [q])[0]
-                         for i, q in enumerate(qs)])
-
-    out = {"v0": lambda ctx, qs, fresh, final: v05.prior_from_v0(model, bb, ctx, qs),
-           "v0 fresh": v0_fresh,
+    out = {"v0": lambda ctx, qs, fresh, final: v05.prior_from_v0(model, bb, ctx, qs, [r for _, r in fresh]),
+           "v0 history only": lambda ctx, qs, fresh, final: v05.prior_from_v0(model, bb, ctx, qs),
            "knn": lambda ctx, qs, fresh, final: V0.knn_baseline(embed([c for c, _ in ctx]), np.array([r for _, r in ctx]),
                                                                 embed(qs)),
            "context mean": lambda ctx, qs, fresh, final: np.full(len(qs), np.mean([r for _, r in ctx]))}
-    return {**out, "level mean": level_mean,
-            "v0 oracle shift": lambda ctx, qs, fresh, final: shift_to_mean(out["v0"](ctx, qs, fresh, final), np.mean(final))}
+    out = {**out, "level mean": level_mean,
+           "v0 oracle shift": lambda ctx, qs, fresh, final: shift_to_mean(out["v0"](ctx, qs, fresh, final), np.mean(final))}
+    needs_history = lambda f: lambda ctx, qs, *rest: f(ctx, qs, *rest) if ctx else np.full(len(qs), 0.5)  # noqa: E731
+    return {name: f if name.startswith("v0") else needs_history(f) for name, f in out.items()}
 
 
 def replay(by_step, predict, H: int, k_init: int = 4, reps: int = 20, seed: int = 0) -> dict:
     rate = lambda r, k=None: float(np.mean(r["rewards"][:k]))  # noqa: E731
-    history, prior, r_init, r_final = [(r["question"], rate(r)) for r in by_step[0]], [], [], []
-    for s in sorted(by_step)[1:]:
+    history, prior, r_init, r_final = [(r["question"], rate(r)) for r in by_step.get(0, [])], [], [], []
+    for s in sorted(set(by_step) - {0}):
         cur = by_step[s]
         prior += list(predict(history[-H:], [r["question"] for r in cur], [(r["question"], rate(r, k_init)) for r in cur],
                               np.array([rate(r) for r in cur])))
@@ -95,7 +95,7 @@ def replay(by_step, predict, H: int, k_init: int = 4, reps: int = 20, seed: int 
     reject = v05.fuse(r_init * k_init, np.full(len(prior), k_init), prior)[3]
     rng = np.random.default_rng(seed)
     draw = lambda counts: [rng.random(c) < p for c, p in zip(counts, r_final)]  # noqa: E731
-    spend = np.mean([v05.adaptive_rollouts(draw, prior, k_init, round_max=2)["k"].mean() for _ in range(reps)])
+    spend = np.mean([v05.adaptive_rollouts(draw, prior, k_init)["k"].mean() for _ in range(reps)])
     return dict(reject_at_k_init=float(reject.mean()), prior_mse=float(np.mean((prior - r_final) ** 2)),
                 prior_bias=float(np.mean(prior - r_final)), simulated_k_mean=float(spend))
 

@@ -11,6 +11,7 @@ decides how many rollouts each prompt gets. Compared, all against the true p (0/
 
     python benchmarks/v05_sim.py                      # the table below
     python benchmarks/v05_sim.py --plot benchmarks/v05_sim.png        # and the plot in the README
+    python benchmarks/v05_sim.py --rounds     # generate calls per step of 8 prompts: one at a time vs batched
 """
 import argparse
 import sys
@@ -47,6 +48,21 @@ def simulate(n: int = 20000, sigma: float = 0.1, corrupt_frac: float = 0.0, k_in
     return out
 
 
+def rounds_per_batch(sigma: float, round_max: int, batch: int = 8, batches: int = 500, seed: int = 0) -> dict:
+    """Training's shape: batches of `batch` prompts, each a step; the rounds (generate calls) a step takes and the
+    rollouts it spends. Every prompt draws from its own Bernoulli stream, so any round_max sees the same rewards."""
+    rng = np.random.default_rng(seed)
+    rounds, k = [], []
+    for _ in range(batches):
+        p = rng.random(batch)
+        prior = np.clip(p + rng.normal(0, sigma, batch), 0, 1)
+        streams = [np.random.default_rng(s) for s in rng.integers(1 << 31, size=batch)]
+        res = v05.adaptive_rollouts(lambda counts: [g.random(c) < pi for g, pi, c in zip(streams, p, counts)],
+                                    prior, round_max=round_max)
+        rounds.append(res["rounds"]), k.append(res["k"].mean())
+    return {"rounds": float(np.mean(rounds)), "rounds_max": int(np.max(rounds)), "k_mean": float(np.mean(k))}
+
+
 def group_mean_mse(n: int, G: int, seed: int = 0) -> float:
     """GRPO's baseline: the mean of G Bernoulli(p) rewards, against p."""
     rng = np.random.default_rng(seed)
@@ -63,7 +79,17 @@ def main():
     ap.add_argument("--round-max", type=int, default=1, help="extra rollouts per prompt per round (v05 --round-max)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="", help="also save MSE against rollouts spent as a PNG here")
+    ap.add_argument("--rounds", action="store_true", help="only: generate calls per step of 8 prompts, by --round-max")
     a = ap.parse_args()
+    if a.rounds:
+        print("rounds (generate calls) per step of 8 prompts, 500 steps; the same rewards for every round_max")
+        print(f"{'prior':<12}{'round_max':>10}{'rounds':>8}{'max':>6}{'rollouts/prompt':>17}")
+        for s in a.sigmas:
+            for R in (1, 0):
+                r = rounds_per_batch(s, R, seed=a.seed)
+                print(f"{'sigma=' + format(s, 'g'):<12}{R if R else 'sure':>10}{r['rounds']:>8.2f}{r['rounds_max']:>6}"
+                      f"{r['k_mean']:>17.3f}")
+        return
     points = {}  # label -> [(rollouts per prompt, MSE)]
     print(f"Bernoulli world: {a.prompts} prompts, p ~ U(0,1), MSE of the baseline against p (0/1 scale)\n")
     print(f"{'baseline':<34}{'rollouts/prompt':>16}{'MSE':>10}")

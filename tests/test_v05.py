@@ -19,8 +19,8 @@ import v05_sim  # noqa: E402
 import v05_vs_grpo  # noqa: E402
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")
-TINY = ["--steps", "2", "--prompts-per-step", "2", "--k-init", "2", "--k-max", "4", "--round-max", "1",
-        "--max-new-tokens", "12", "--data", EASY, "--eval-problems", "2", "--warmup-prompts", "2", "--seed", "1"]
+TINY = ["--steps", "2", "--prompts-per-step", "2", "--k-init", "2", "--k-max", "4",
+        "--max-new-tokens", "12", "--data", EASY, "--eval-problems", "2", "--seed", "1"]
 
 
 # ---------------------------------------------------------------- the weight and the test by hand
@@ -115,14 +115,63 @@ def test_budget_stops_at_k_init_when_the_prior_agrees_and_grows_when_it_does_not
     assert not v05.wants_more(3.75, 16)[()]  # k_max
     # where the gain s2 D2 / ((k D2 + 1)((k+1) D2 + 1)) < c it stops below k_max
     assert not v05.wants_more(0.02, 4)[()]
-    # planned_extra counts the look-ahead steps that pay at a fixed D2: D2 = 0.11 at k = 4 buys 3 (by hand:
-    # gains 0.0054, 0.0047, 0.0041, then 0.0036 < c); round_max = 1 is the paper's one-at-a-time rule
-    assert v05.planned_extra(np.array([0.11, 0.0, 3.75]), np.array([4, 4, 4])).tolist() == [3, 0, 12]
     seq = v05.adaptive_rollouts(fixed_draw([0.5, 1.0, 0.25]), [0.5, 0.0, 0.75], round_max=1)
-    batched = v05.adaptive_rollouts(fixed_draw([0.5, 1.0, 0.25]), [0.5, 0.0, 0.75], round_max=16)
-    assert seq["rounds"] > batched["rounds"] and batched["k"][1] == 16
+    batched = v05.adaptive_rollouts(fixed_draw([0.5, 1.0, 0.25]), [0.5, 0.0, 0.75])
+    assert seq["rounds"] > batched["rounds"] and list(batched["k"]) == list(seq["k"])
     with pytest.raises(ValueError, match="k_init"):
         v05.adaptive_rollouts(fixed_draw([0.5]), [0.5], k_init=0)
+
+
+def test_sure_extra_by_hand_and_against_every_path():
+    # 4 of 4 right, prior 0.5 (+-1: v = 1, V = 0, D2 = 1 - 1/4): one more is bought whatever it returns (a miss:
+    # v = 0.6, D2 = 0.36 - 0.2 = 0.16, gain 0.0073 > c); after 4/6 (v = 1/3, (v - V)^2 = 1/9 < 1/6) the test keeps
+    # H0 and the rule stops, so only 2 are sure. H0 kept (2 of 4 at prior 0.5): none.
+    assert v05.sure_extra([4, 2], [4, 4], [0.5, 0.5]).tolist() == [2, 0]
+
+    def min_stop(h, k, prior):  # the fewest rollouts the one-at-a-time rule buys over all reward paths
+        if not v05.wants_more(v05.fuse([h], [k], [prior])[2], [k])[0]:
+            return 0
+        return 1 + min(min_stop(h, k + 1, prior), min_stop(h + 1, k + 1, prior))
+    for prior in (0.0, 0.1, 0.3, 0.5, 0.75, 1.0):
+        states = [(h, k) for k in range(1, 17) for h in range(k + 1)]
+        got = v05.sure_extra([h for h, _ in states], [k for _, k in states], np.full(len(states), prior))
+        assert got.tolist() == [min_stop(h, k, prior) for h, k in states], prior
+
+
+def test_batched_rounds_make_the_paper_one_at_a_time_decisions():
+    """Each prompt draws its rewards from its own fixed sequence, so one-at-a-time (round_max = 1) and the batched
+    rounds must agree prompt for prompt: same k, hits and baseline, in fewer generate calls."""
+    rng = np.random.default_rng(0)
+    p, prior = rng.random(3000), rng.random(3000)
+    pool = rng.random((3000, 16)) < p[:, None]
+
+    def pool_draw():
+        taken = np.zeros(len(p), dtype=int)
+        def draw(counts):
+            out = [pool[i, taken[i]:taken[i] + c] for i, c in enumerate(counts)]
+            taken[:] += counts
+            return out
+        return draw
+    seq = v05.adaptive_rollouts(pool_draw(), prior, round_max=1)
+    batched = v05.adaptive_rollouts(pool_draw(), prior)
+    for key in ("k", "hits", "mu", "reject_init", "reject"):
+        assert np.array_equal(seq[key], batched[key]), key
+    assert seq["k"].max() == 16 and batched["rounds"] < seq["rounds"], (batched["rounds"], seq["rounds"])
+
+
+def test_the_prior_can_read_the_k_init_rates():
+    """prior as a function: called once, after k_init rollouts each, with their success rates."""
+    calls = []
+
+    class Draw:
+        def __len__(self):
+            return 2
+
+        def __call__(self, counts):
+            return [[1.0] * c for c in counts]
+    res = v05.adaptive_rollouts(Draw(), lambda rates: calls.append(rates.copy()) or np.array([1.0, 0.0]))
+    assert len(calls) == 1 and calls[0].tolist() == [1.0, 1.0]
+    assert res["prior"].tolist() == [1.0, 0.0] and res["k"].tolist() == [4, 16]
 
 
 def test_bias_of_the_fused_baseline_shrinks_with_k():
@@ -197,6 +246,34 @@ def test_warmup_prompts_are_disjoint_from_the_training_prompts_grpo_also_gets():
     assert len(v05.warmup_problems(probs, 3, 80)) == 50  # asking for more than there are: all of them
 
 
+@pytest.fixture(scope="module")
+def shipped_v0():
+    return v05.V0.load_v0(v05.V0_DEFAULT)
+
+
+def test_fresh_context_leaves_the_prompt_itself_out(shipped_v0):
+    """V0 reads the step's other prompts' k_init rates, never a prompt's own (the test compares V with them)."""
+    model, bb = shipped_v0
+    hist = [("What is 2 + 3?", 0.75), ("What is 47 times 8 minus 3?", 0.0)]
+    qs = ["What is 4 + 4?", "What is 93 + 58?", "Each box holds 7 shells. How many shells are in 18 boxes?"]
+    a = v05.prior_from_v0(model, bb, hist, qs, np.array([1.0, 0.0, 0.25]))
+    b = v05.prior_from_v0(model, bb, hist, qs, np.array([0.0, 0.0, 0.25]))  # only prompt 0's own rate changed
+    assert a[0] == pytest.approx(b[0], abs=1e-6) and abs(a[1] - b[1]) > 1e-4  # prompt 1 reads prompt 0's rate
+    alone = v05.prior_from_v0(model, bb, hist + [(qs[1], 0.0), (qs[2], 0.25)], qs[:1])[0]
+    assert a[0] == pytest.approx(alone, abs=1e-5)  # = V0 on history + the other two rows
+    assert v05.prior_from_v0(model, bb, hist, qs).shape == (3,)  # --no-fresh-context: the history alone
+    assert v05.prior_from_v0(model, bb, [], qs[:1], np.array([1.0]), fallback=0.3).tolist() == [0.3]  # no context
+
+
+def test_history_starts_from_the_rows_v0_carries_of_this_policy():
+    """--history-init auto: the shipped V0's own rows of the base policy at the training temperature, nothing else."""
+    rows = v05.V0.initial_history(v05.V0_DEFAULT, "auto", 16, "smollm2-135m@T0.7")
+    assert len(rows) == 16 and all(isinstance(q, str) and 0 <= r <= 1 for q, r in rows)
+    assert rows == v05.V0.initial_history(v05.V0_DEFAULT, "auto", 128, "smollm2-135m@T0.7")[-16:]  # the newest
+    assert v05.V0.initial_history(v05.V0_DEFAULT, "auto", 16, "smollm2-135m@T1") == []  # another temperature
+    assert v05.V0.initial_history(v05.V0_DEFAULT, "none", 16) == []
+
+
 def test_no_matching_v0_says_how_to_make_one():
     with pytest.raises(SystemExit, match="v0.py collect"):
         v05.v0_checkpoint(v05.Args(model="Qwen3-4B"))
@@ -219,7 +296,7 @@ def v05_run(module_dir):
 def test_two_steps_log_the_v05_metrics(v05_run):
     r = rows(v05_run)
     assert [x["step"] for x in r] == [0, 1, 2]
-    assert r[0]["rollouts"] == 4  # the warm-up: 2 prompts x k_init
+    assert r[0].get("rollouts") is None  # no warm-up by default: step 1's own k_init round seeds the history
     for x in r[1:]:
         for key in ("k_mean", "k_max_hit", "test_reject_rate", "w_mean", "prior_mse", "fused_mse", "empirical_mse",
                     "baseline_mse", "rollouts", "acc", "grad_norm"):
@@ -227,11 +304,13 @@ def test_two_steps_log_the_v05_metrics(v05_run):
         assert 2 <= x["k_mean"] <= 4 and x["rollouts"] == round(2 * x["k_mean"])
     # OUT/prompts.jsonl: every prompt's rewards in draw order, as many as the step's rollouts
     p = [json.loads(line) for line in (v05_run / "prompts.jsonl").read_text().splitlines()]
-    assert [y["step"] for y in p] == [0, 0, 1, 1, 2, 2]
-    for x in r:
+    assert [y["step"] for y in p] == [1, 1, 2, 2]
+    for x in r[1:]:
         assert sum(len(y["rewards"]) for y in p if y["step"] == x["step"]) == x["rollouts"]
     assert all(set(y) >= {"question", "answer", "prior", "mu", "reject_init"} for y in p if y["step"] > 0)
-    # the training steps take the prompts grpo.py takes at this seed (the warm-up comes from the stream's far end)
+    # step 1 has no history: its priors come from the other prompt's k_init rate alone (not the 0.5 fallback)
+    assert all(y["prior"] != 0.5 for y in p)
+    # the training steps take the prompts grpo.py takes at this seed
     grpo_prompts = v05.C.ProblemStream(v05.C.load_problems(EASY), 1).take(4)
     assert [y["question"] for y in p if y["step"] > 0] == [q.question for q in grpo_prompts]
 
@@ -275,6 +354,13 @@ def test_prior_replay_scores_predictors_on_a_run(tmp_path, capsys):
     assert float(res["context mean"]["prior_mse"]) == pytest.approx(0.25)  # half the rows 1, half 0
     assert float(res["level mean"]["prior_mse"]) < 0.05  # (4 + 1) / 6 against 1, 1 / 6 against 0
     assert float(res["level mean"]["simulated_k_mean"]) < float(res["context mean"]["simulated_k_mean"])
+    # a run without a warm-up (v05's default): step 1 reads no history; V0 has this step's other rows
+    (tmp_path / "nowarm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] > 0))
+    v05_prior_replay.main([str(tmp_path / "nowarm.jsonl"), "--history", "16", "--only", "v0,context mean"])
+    res = {line.split("\t")[1].strip(): dict(kv.split("=") for kv in line.split("\t")[2].split())
+           for line in capsys.readouterr().out.splitlines()}
+    assert list(res) == ["v0", "context mean"]
+    assert float(res["context mean"]["prior_mse"]) == pytest.approx(0.25)  # 0.5 at step 1 (fallback) and step 2
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(SystemExit, match=r"prompts.jsonl:25"):
         v05_prior_replay.main([str(path), "--only", "context mean"])
