@@ -18,10 +18,13 @@ the step (the warm-up rows first, if the run had a warm-up), and predicts each o
 The non-V0 predictors fall back to 0.5 where the history is still empty (step 1 of a run without a warm-up). For each: the
 test's reject rate at k_init (exact: it needs only the first k_init rewards drawn), the prior's MSE and mean
 error against each prompt's final empirical rate, and the spend the adaptive budget would have made, simulated
-with Bernoulli draws at that final rate (the same for every predictor, so spends compare).
+with Bernoulli draws at that final rate (the same for every predictor, so spends compare). Where the rows carry
+the priors the run used, max_gap_to_logged_prior says how far the predictor is from them (v0 at the run's own
+settings: ~0, the check that the replay reads what the run read).
 
     python v05.py --out runs/v05_default
     python benchmarks/v05_prior_replay.py runs/v05_default/prompts.jsonl [--history 16,64,128] [--v0 CKPT]
+    python benchmarks/v05_prior_replay.py OLD/prompts.jsonl --history-init none   # runs from before --history-init
 """
 import argparse
 import json
@@ -81,9 +84,11 @@ def predictors(model, bb) -> dict:
     return {name: f if name.startswith("v0") else needs_history(f) for name, f in out.items()}
 
 
-def replay(by_step, predict, H: int, k_init: int = 4, reps: int = 20, seed: int = 0) -> dict:
+def replay(by_step, predict, H: int, k_init: int = 4, reps: int = 20, seed: int = 0, init=()) -> dict:
+    """init: the rows the run's history started from (v05 --history-init), before any warm-up rows."""
     rate = lambda r, k=None: float(np.mean(r["rewards"][:k]))  # noqa: E731
-    history, prior, r_init, r_final = [(r["question"], rate(r)) for r in by_step.get(0, [])], [], [], []
+    history = list(init) + [(r["question"], rate(r)) for r in by_step.get(0, [])]
+    prior, r_init, r_final = [], [], []
     for s in sorted(set(by_step) - {0}):
         cur = by_step[s]
         prior += list(predict(history[-H:], [r["question"] for r in cur], [(r["question"], rate(r, k_init)) for r in cur],
@@ -96,8 +101,12 @@ def replay(by_step, predict, H: int, k_init: int = 4, reps: int = 20, seed: int 
     rng = np.random.default_rng(seed)
     draw = lambda counts: [rng.random(c) < p for c, p in zip(counts, r_final)]  # noqa: E731
     spend = np.mean([v05.adaptive_rollouts(draw, prior, k_init)["k"].mean() for _ in range(reps)])
-    return dict(reject_at_k_init=float(reject.mean()), prior_mse=float(np.mean((prior - r_final) ** 2)),
-                prior_bias=float(np.mean(prior - r_final)), simulated_k_mean=float(spend))
+    out = dict(reject_at_k_init=float(reject.mean()), prior_mse=float(np.mean((prior - r_final) ** 2)),
+               prior_bias=float(np.mean(prior - r_final)), simulated_k_mean=float(spend))
+    logged = [r.get("prior") for s in sorted(set(by_step) - {0}) for r in by_step[s]]
+    if None not in logged:  # the priors the run itself used: how far this predictor is from them
+        out["max_gap_to_logged_prior"] = float(np.max(np.abs(prior - np.array(logged))))
+    return out
 
 
 def main(argv=None):
@@ -106,16 +115,20 @@ def main(argv=None):
     ap.add_argument("--history", default="16,64,128", help="context lengths H to replay (comma-separated)")
     ap.add_argument("--v0", default=v05.V0_DEFAULT, help="V0 checkpoint (default: the one v05.py ships with)")
     ap.add_argument("--only", default="", help="comma-separated predictor names (default: all)")
+    ap.add_argument("--history-init", default="auto", help="the rows the run's history started from, as v05.py's flag "
+                    "(auto: --v0's own rows of --policy; none for runs made before that flag)")
+    ap.add_argument("--policy", default="smollm2-135m@T0.7", help="with --history-init auto: the run's --model@T--temperature")
     a = ap.parse_args(argv)
     by_step = read_run(a.prompts)
     model, bb = V0.load_v0(a.v0)
+    init = V0.initial_history(a.v0, a.history_init, 10**9, a.policy if a.history_init == "auto" else None)
     preds = predictors(model, bb)
     names = [n for n in (a.only.split(",") if a.only else preds) if n]
     if unknown := set(names) - set(preds):
         raise SystemExit(f"--only: unknown predictor(s) {sorted(unknown)}; choose from {sorted(preds)}")
     for H in map(int, a.history.split(",")):
         for name in names:
-            res = replay(by_step, preds[name], H)
+            res = replay(by_step, preds[name], H, init=init[-H:])
             print(f"H={H}\t{name:<13s}\t" + " ".join(f"{k}={v:.4f}" for k, v in res.items()), flush=True)
 
 

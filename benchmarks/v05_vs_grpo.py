@@ -1,6 +1,7 @@
 """Issue 5's comparison from run logs: V0.5's rollouts against GRPO's with G = 16, and its acc against GRPO's with
-G = 4, seed by seed. V0.5's warm-up comes from the far end of the data stream, so at one seed both methods train on
-the same prompts at every step and the per-step acc difference is a paired comparison.
+G = 4, seed by seed. V0.5 takes its training prompts from the stream grpo.py takes them from (a warm-up, if asked
+for, comes from the stream's far end), so at one seed both methods train on the same prompts at every step and the
+per-step acc difference is a paired comparison.
 
     python v05.py --seed S --out runs/v05_sS                                 # for S in 0 1 2
     python grpo.py --group-size 4 --steps 8 --seed S --out runs/g4_sS

@@ -342,28 +342,31 @@ def test_prior_replay_scores_predictors_on_a_run(tmp_path, capsys):
     mean error, and a bad row names its line."""
     probs = v05.C.arith_problems("train")
     easy, hard = [p for p in probs if p.level == 1][:12], [p for p in probs if p.level == 10][:12]
-    rows = [{"step": s, "question": p.question, "answer": p.answer, "rewards": [int(p.level == 1)] * 4}
+    rows = [{"step": s, "question": p.question, "answer": p.answer, "rewards": [int(p.level == 1)] * 4,
+             **({"prior": 0.5} if s else {})}  # as if the run's prior had been the context mean (0.5 at both steps)
             for s in range(3) for p in easy[4 * s:4 * s + 4] + hard[4 * s:4 * s + 4]]
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    v05_prior_replay.main([str(path), "--history", "16", "--only", "context mean,level mean,knn,v0 oracle shift"])
+    v05_prior_replay.main([str(path), "--history", "16", "--history-init", "none", "--only", "context mean,level mean,knn,v0 oracle shift"])
     res = {line.split("\t")[1].strip(): dict(kv.split("=") for kv in line.split("\t")[2].split())
            for line in capsys.readouterr().out.splitlines()}
     assert set(res) == {"context mean", "level mean", "knn", "v0 oracle shift"}
     assert abs(float(res["v0 oracle shift"]["prior_bias"])) < 1e-3  # shifted to each step's mean final rate
     assert float(res["context mean"]["prior_mse"]) == pytest.approx(0.25)  # half the rows 1, half 0
+    assert float(res["context mean"]["max_gap_to_logged_prior"]) == 0.0  # it recomputes the logged priors
+    assert float(res["level mean"]["max_gap_to_logged_prior"]) > 0.3
     assert float(res["level mean"]["prior_mse"]) < 0.05  # (4 + 1) / 6 against 1, 1 / 6 against 0
     assert float(res["level mean"]["simulated_k_mean"]) < float(res["context mean"]["simulated_k_mean"])
     # a run without a warm-up (v05's default): step 1 reads no history; V0 has this step's other rows
     (tmp_path / "nowarm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] > 0))
-    v05_prior_replay.main([str(tmp_path / "nowarm.jsonl"), "--history", "16", "--only", "v0,context mean"])
+    v05_prior_replay.main([str(tmp_path / "nowarm.jsonl"), "--history", "16", "--history-init", "none", "--only", "v0,context mean"])
     res = {line.split("\t")[1].strip(): dict(kv.split("=") for kv in line.split("\t")[2].split())
            for line in capsys.readouterr().out.splitlines()}
     assert list(res) == ["v0", "context mean"]
     assert float(res["context mean"]["prior_mse"]) == pytest.approx(0.25)  # 0.5 at step 1 (fallback) and step 2
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(SystemExit, match=r"prompts.jsonl:25"):
-        v05_prior_replay.main([str(path), "--only", "context mean"])
+        v05_prior_replay.main([str(path), "--history-init", "none", "--only", "context mean"])
 
 
 def test_v05_vs_grpo_pairs_runs_seed_by_seed(tmp_path, capsys):
