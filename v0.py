@@ -850,7 +850,9 @@ def initial_history(v0_ckpt, spec: str = "auto", n: int = 64, policy: str | None
         return []
     path = v0_folder(v0_ckpt) / "context.jsonl" if spec == "auto" else Path(spec)
     if not path.exists():
-        return []
+        if spec == "auto":  # a V0 checkpoint that carries no rows: start empty
+            return []
+        raise SystemExit(f"--history-init {spec}: no such rows file (or 'auto', or 'none')")
     prompts = read_prompts(path.parent / "prompt_dict.json")
     rows = [r for r in read_rows(path, prompts) if policy is None or r.get("model") == policy]
     return [(prompts[prompt_key(r)], success_rate(r["score"])) for r in rows][-n:]

@@ -91,7 +91,7 @@ ALPHA = float(2 * stats.norm.sf(1.0))  # 2 (1 - Phi(1)) ~ 0.3173: the level of t
 class Args(C.TrainArgs):
     """V0.5: GRPO-style training where the baseline fuses V0's prior with k >= k_init rollouts per prompt."""
     steps: int = arg(8, "policy updates (each on a fresh batch of prompts); 8 keeps the CPU default under 10 minutes "
-                     "(6 min 48 s to 8 min 48 s over seeds 0-4)")
+                     "(4 min 28 s to 5 min 49 s over seeds 0-6 on 2 cores)")
     k_init: int = arg(4, "rollouts every prompt gets before the test")
     k_max: int = arg(16, "rollouts a prompt can get at most")
     cost: float = arg(0.0039, "c: buy one more rollout while the predicted MSE drop exceeds c (+-1 reward scale)")
@@ -113,7 +113,7 @@ class Args(C.TrainArgs):
                             "--model at --temperature: the policy as it starts, collected when V0 was made), a rows "
                             ".jsonl (prompt_dict.json beside it), or none")
     warmup_prompts: int = arg(0, "prompts rolled out k_init times before step 1 only to seed the history, counted in "
-                              "the spend (0: none; step 1's own k_init rates are in its context anyway)")
+                              "the spend (0: none; the history starts from --history-init)")
     prior_noise: float = arg(0.1, "oracle/corrupt: std of the Gaussian noise added to the Monte-Carlo p")
     prior_constant: float = arg(0.5, "constant: the prior every prompt gets")
     corrupt_frac: float = arg(0.25, "corrupt: share of prompts whose prior is set to the far end")

@@ -272,6 +272,8 @@ def test_history_starts_from_the_rows_v0_carries_of_this_policy():
     assert rows == v05.V0.initial_history(v05.V0_DEFAULT, "auto", 128, "smollm2-135m@T0.7")[-16:]  # the newest
     assert v05.V0.initial_history(v05.V0_DEFAULT, "auto", 16, "smollm2-135m@T1") == []  # another temperature
     assert v05.V0.initial_history(v05.V0_DEFAULT, "none", 16) == []
+    with pytest.raises(SystemExit, match="--history-init runs/nope.jsonl"):
+        v05.V0.initial_history(v05.V0_DEFAULT, "runs/nope.jsonl", 16)
 
 
 def test_no_matching_v0_says_how_to_make_one():
