@@ -304,10 +304,10 @@ class PolicyDraw:
 
     def __call__(self, counts) -> list[list[float]]:
         idx = np.nonzero(counts)[0]
-        with self.timer("time_gen"):
+        with self.timer("time_gen"):  # sampling and scoring, as time_gen is in grpo.py
             roll = self.sampler.generate([self.texts[i] for i in idx], counts[idx].tolist(), self.args.max_new_tokens,
                                          self.args.temperature, seed=self.seed + 7_001 * self.calls)
-        correct, na = C.score([r.text for r in roll], [self.probs[idx[r.prompt_idx]].answer for r in roll])
+            correct, na = C.score([r.text for r in roll], [self.probs[idx[r.prompt_idx]].answer for r in roll])
         self.calls, self.no_answer = self.calls + 1, self.no_answer + na
         new = [[] for _ in self.probs]
         for r, c in zip(roll, correct):
