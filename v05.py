@@ -209,6 +209,8 @@ def adaptive_rollouts(draw, prior, k_init: int = 4, k_max: int = 16, cost: float
     -> dict(hits, k, mu, w, D2, prior [N], reject_init [N] (the test at k_init), reject [N] (the last test), rounds)"""
     if not 1 <= k_init <= k_max:
         raise ValueError(f"need 1 <= k_init <= k_max, got k_init={k_init}, k_max={k_max}")
+    if callable(prior) and not hasattr(draw, "__len__"):
+        raise ValueError("a prior given as a function needs a draw with len() (the number of prompts)")
     n = len(draw) if callable(prior) else len(prior)
     hits, k = np.zeros(n), np.zeros(n, dtype=int)
     counts, reject_init, rounds = np.full(n, k_init), None, 0
@@ -346,13 +348,13 @@ def main(args: Args):
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)
     history, start = [], 0  # history: [(question, empirical success rate)], newest last
-    if args.prior == "v0":  # the policy before any update: V0's own rows of it, when it was made from this policy
-        label = f"{args.model}@T{args.temperature:g}" if args.history_init == "auto" else None
-        history = V0.initial_history(v0_checkpoint(args), args.history_init, args.history, label)
-        print(f"v05: the history starts with {len(history)} rows" + (f" of {label}" if label else ""))
     if args.resume:
         state = C.load_checkpoint(args.out, {"policy": (policy, optimizer)})
         start, stream.cursor, history = state["step"], state["extra"]["cursor"], state["extra"]["history"]
+    elif args.prior == "v0":  # the policy before any update: V0's own rows of it, when it was made from this policy
+        label = f"{args.model}@T{args.temperature:g}" if args.history_init == "auto" else None
+        history = V0.initial_history(v0_checkpoint(args), args.history_init, args.history, label)
+        print(f"v05: the history starts with {len(history)} rows" + (f" of {label}" if label else ""))
     sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
     logger = C.RunLogger(args.out, resume_step=start)
     prompt_log = Path(args.out) / "prompts.jsonl"  # one row per prompt and step: where the budget went, and why

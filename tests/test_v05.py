@@ -172,6 +172,8 @@ def test_the_prior_can_read_the_k_init_rates():
     res = v05.adaptive_rollouts(Draw(), lambda rates: calls.append(rates.copy()) or np.array([1.0, 0.0]))
     assert len(calls) == 1 and calls[0].tolist() == [1.0, 1.0]
     assert res["prior"].tolist() == [1.0, 0.0] and res["k"].tolist() == [4, 16]
+    with pytest.raises(ValueError, match="len"):
+        v05.adaptive_rollouts(lambda counts: [[1.0] * c for c in counts], lambda rates: rates)
 
 
 def test_bias_of_the_fused_baseline_shrinks_with_k():
