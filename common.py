@@ -33,6 +33,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,13 @@ def arg(default, help: str, **kw):
 
 @dataclass
 class TrainArgs:
-    """Flags every training script shares. A method's Args subclasses this and adds its own."""
+    """Flags every training script shares. A method's Args subclasses this and adds its own.
+    PRESETS: {selecting field: {its value: {field: value}}}, e.g. {"variant": {"dapo": {"eps_high": 0.28}}}.
+    A field a preset sets defaults to None and takes the chosen preset's value in __post_init__, so
+    Args(variant="dapo") in Python and `--variant dapo` on the command line give the same run, and a value
+    given explicitly (keyword or flag) always wins. A subclass with checks of its own calls
+    super().__post_init__() first, then raises ValueError naming the flag."""
+    PRESETS: ClassVar[dict] = {}
     model: str = arg("smollm2-135m", "policy: 'smollm2-135m' (embedded, offline), a local HF folder, a hub id, "
                      "or an alias such as Qwen3-4B (see common.MODEL_ALIASES)")
     data: str = arg("arith", "training problems: 'arith' (built-in generator), a .jsonl file, or a hub dataset id")
@@ -97,23 +104,48 @@ class TrainArgs:
                         "weights and optimizer, bf16 matmuls; ~2x faster on a CPU with AVX512-BF16, log-probs "
                         "~0.02 from float32's on average) or off", choices=["off", "bf16"])
 
+    def __post_init__(self):
+        for selector, table in self.PRESETS.items():
+            chosen = getattr(self, selector)
+            if chosen not in table:
+                raise ValueError(f"--{flag(selector)} must be one of {', '.join(table)}, got {chosen!r}")
+            for name, value in table[chosen].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        unset = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None]
+        if unset:
+            raise ValueError(f"no value for --{', --'.join(map(flag, unset))}: give it, or a preset that sets it")
+        if self.dual_clip != 0 and self.dual_clip <= 1:
+            raise ValueError(f"--dual-clip must be 0 (off) or > 1 (it bounds -A * ratio at -A * c), got {self.dual_clip}")
+        if not 0 <= self.eps_low < 1:
+            raise ValueError(f"--eps-low must be in [0, 1) (the ratio's lower bound 1 - eps_low > 0), got {self.eps_low}")
+        if self.eps_high < 0:
+            raise ValueError(f"--eps-high must be >= 0, got {self.eps_high}")
 
-def parse_args(cls, argv=None, presets: dict | None = None):
-    """Turn an Args dataclass into an argparse CLI: field `foo_bar` becomes `--foo-bar`.
-    presets: {"--variant" value: {field: default}}; a preset changes defaults, explicit flags still win."""
+
+def flag(name: str) -> str:
+    """A dataclass field's command-line name, without the dashes: foo_bar -> foo-bar."""
+    return name.replace("_", "-")
+
+
+def parse_args(cls, argv=None):
+    """Turn an Args dataclass into an argparse CLI: field `foo_bar` becomes `--foo-bar`. A field whose default
+    is None is set by a preset (see TrainArgs). Invalid values exit with argparse's usage error."""
     doc = (cls.__doc__ or "").strip().split("\n")[0]
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
-        name, help_, choices = "--" + f.name.replace("_", "-"), f.metadata.get("help", ""), f.metadata.get("choices")
-        if f.type in (bool, "bool"):
+        name, help_, choices = "--" + flag(f.name), f.metadata.get("help", ""), f.metadata.get("choices")
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kind = kind.split("|")[0].strip()  # "float | None": a field a preset sets
+        if kind == "bool":
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:
-            typ = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            typ = {"int": int, "float": float}.get(kind, str)
             p.add_argument(name, type=typ, default=f.default, choices=choices, help=help_)
-    if presets:
-        chosen = p.parse_known_args(argv)[0].variant
-        p.set_defaults(**presets[chosen])
-    return cls(**vars(p.parse_args(argv)))
+    try:
+        return cls(**vars(p.parse_args(argv)))
+    except ValueError as e:
+        p.error(str(e))
 
 
 def seed_everything(seed: int):

@@ -28,8 +28,9 @@ Choices that are ours, not the papers'
   - std is the unbiased (ddof=1) group std, as in verl; eps = 1e-6.
   - Dynamic sampling resamples only as many new prompts as groups are missing (DAPO samples whole
     generation batches); after --max-resample tries it trains on the informative groups it has.
-  - --variant sets presets (below); any flag given explicitly overrides its preset.
-  - CPU defaults (lr 1e-5, 8 prompts x G=4, 48 tokens) are sized for smollm2-135m on 2 cores, not the
+  - --variant sets presets (VARIANTS), in Python (Args(variant="dapo")) as on the command line; a value
+    given explicitly overrides its preset.
+  - CPU defaults (lr 3e-5, 8 prompts x G=4, 48 tokens) are sized for smollm2-135m on 2 cores, not the
     papers' 512 prompts x G=16, lr 1e-6.
 """
 from __future__ import annotations
@@ -39,13 +40,14 @@ import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 import common as C
 from common import arg
 
-VARIANTS = {  # --variant presets; explicit flags win
+VARIANTS = {  # --variant presets: each sets every field below whose default is None; explicit values win
     "grpo": dict(scale_std=True, loss_agg="seq-mean-token-mean", eps_high=0.2, dynamic_sampling=False, overlong_buffer=0.0),
     "drgrpo": dict(scale_std=False, loss_agg="seq-mean-token-sum-norm", eps_high=0.2, dynamic_sampling=False,
                    overlong_buffer=0.0),
@@ -56,14 +58,22 @@ VARIANTS = {  # --variant presets; explicit flags win
 @dataclass
 class Args(C.TrainArgs):
     """GRPO / Dr.GRPO / DAPO: group-mean baselines, no critic."""
+    PRESETS: ClassVar[dict] = {"variant": VARIANTS}
     variant: str = arg("grpo", "preset: grpo (std-normalised, seq-mean-token-mean), drgrpo (no std, token sum / "
                        "max length), dapo (clip-higher 0.28, token-mean, dynamic sampling, overlong shaping)",
                        choices=list(VARIANTS))
     group_size: int = arg(4, "G: rollouts per prompt")
-    scale_std: bool = arg(True, "divide the advantage by the group std (GRPO) or not (Dr.GRPO)")
-    dynamic_sampling: bool = arg(False, "DAPO: drop zero-std groups and resample prompts to refill the batch")
+    scale_std: bool | None = arg(None, "divide the advantage by the group std (GRPO) or not (Dr.GRPO); None: "
+                                 "set by --variant")
+    dynamic_sampling: bool | None = arg(None, "DAPO: drop zero-std groups and resample prompts to refill the batch; "
+                                        "None: set by --variant")
     max_resample: int = arg(3, "DAPO: extra sampling rounds per step at most, before training on what is there")
-    overlong_buffer: float = arg(0.0, "DAPO: L_cache as a fraction of --max-new-tokens (0: off)")
+    overlong_buffer: float | None = arg(None, "DAPO: L_cache as a fraction of --max-new-tokens (0: off); None: set "
+                                        "by --variant")
+    eps_high: float | None = arg(None, "PPO clip: ratio upper bound 1 + eps_high (DAPO clip-higher: 0.28); None: set "
+                                 "by --variant")
+    loss_agg: str | None = arg(None, "loss aggregation over tokens; None: set by --variant",
+                               choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
     bench: bool = arg(False, "time steps instead of training for results: every completion exactly --max-new-tokens "
                       "long, every row trained, no eval/oracle/checkpoints, --out a temporary folder; prints "
                       "'bench median_s_per_step=...' last (the first step is warm-up)")
@@ -197,4 +207,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(C.parse_args(Args, presets=VARIANTS))
+    main(C.parse_args(Args))
