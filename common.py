@@ -724,21 +724,32 @@ def logprobs_no_grad(model, batch: dict, temperature: float, chunk: int, micro: 
 
 
 def masked_mean(x, mask, dim=None):
+    """Mean over the entries where mask is 1 (over `dim`, or all); an empty mask gives 0."""
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
-    """(x - mean) / std over the unmasked entries only; padding neither counts nor changes."""
-    mean = masked_mean(x, mask)
+def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8, unbiased: bool = False):
+    """(x - mean) * rsqrt(var + eps), mean and var over the n unmasked entries; padding neither counts nor
+    changes (it comes out 0; verl leaves whitened numbers there, which every consumer masks).
+    var divides by n (ours, the default) or, unbiased=True, by n - 1 as verl's and TRL's masked_whiten do: the
+    results differ by the factor sqrt(n / (n - 1)), 1.0005 at n = 1000 tokens. shift_mean=False adds the mean
+    back after scaling (verl's meaning)."""
+    mean, n = masked_mean(x, mask), mask.sum()
     var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        var = var * n / (n - 1).clamp(min=1)  # n = 1: var 0 (verl raises)
     out = (x - mean) * torch.rsqrt(var + eps)
     return (out if shift_mean else out + mean) * mask
 
 
 def kl_penalty(logp, ref_logp, kind: str = "k3"):
-    """Per-token estimators of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3)."""
+    """Per-token estimators of KL(pi || pi_ref) from tokens sampled from pi (Schulman, "Approximating KL
+    divergence"), x = log pi(y) - log pi_ref(y):  k1 = x,  k2 = x^2 / 2,  k3 = exp(-x) + x - 1 >= 0.
+    k1 and k3 are unbiased for the KL; k3 has the lower variance. No clamp, as TRL's GRPOTrainer; verl's
+    k3 ("low_var_kl") clamps x to [-20, 20] and k3 to [-10, 10]. Unclamped, a token far less likely under pi
+    than under pi_ref costs ~exp(-x), and an overflow to inf makes minibatch_update skip that step."""
     log_ratio = logp - ref_logp  # log pi/pi_ref
     if kind == "k1":
         return log_ratio
@@ -750,10 +761,14 @@ def kl_penalty(logp, ref_logp, kind: str = "k3"):
 
 
 def aggregate(loss_mat, mask, mode: str, max_len: int | None = None):
-    """Reduce a per-token loss [B, L] to a scalar.
-    token-mean:              sum_{i,t} l_it / sum_i |y_i|                 (DAPO, verl default)
-    seq-mean-token-mean:     1/B sum_i (1/|y_i| sum_t l_it)              (original GRPO)
-    seq-mean-token-sum-norm: 1/B sum_i (sum_t l_it / max_len)            (Dr.GRPO: no length bias)"""
+    """Reduce a per-token loss [B, L] to a scalar; |y_i| is response i's number of real tokens.
+    token-mean:              sum_{i,t} l_it / sum_i |y_i|        (DAPO; verl's default; TRL "dapo"/"bnpo")
+    seq-mean-token-mean:     1/B sum_i (1/|y_i| sum_t l_it)     (GRPO paper; TRL "grpo")
+    seq-mean-token-sum-norm: 1/B sum_i (sum_t l_it / max_len)   (Dr.GRPO: no length bias; TRL "dr_grpo")
+    max_len: the caller's constant (policy_update passes --max-new-tokens, as TRL's max_completion_length and
+    Dr.GRPO's fixed maximum); without it the padded width L, which varies from batch to batch (verl's default
+    is its padded width, there the fixed response length). A row with no real token counts in B with loss 0,
+    as in TRL; verl leaves it out of B."""
     if mode == "token-mean":
         return masked_mean(loss_mat, mask)
     if mode == "seq-mean-token-mean":
@@ -772,8 +787,16 @@ def policy_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, dual_clip=
         + beta * KL(pi || pi_ref) per token when kl_coef > 0.
     With one update per batch, ratio == 1 and the loss value is ~0 (or -mean A), but its gradient,
     A * grad log pi, is not zero: a flat loss curve is expected, watch reward and grad_norm instead.
-    Returns (loss, stats) with stats = clip_frac, kl (detached floats)."""
-    ratio = torch.exp(logp - old_logp)
+    Returns (loss, stats) with stats = clip_frac, kl (detached floats). Conventions, against verl's
+    compute_policy_loss_vanilla and TRL's GRPOTrainer (pinned in tests/test_reference_conventions.py):
+      - the log-ratio is not clamped (verl clamps it to [-20, 20] before exp; TRL does not);
+      - dual-clip applies where A < 0 and only when asked (dual_clip = c > 1); verl applies it always, with
+        c = 3 by default; TRL's `delta` caps the ratio of every token, the same loss when delta > 1 + eps_high;
+      - clip_frac is the share of real tokens whose clipped term is the larger (verl's pg_clipfrac); tokens
+        capped by dual-clip are not counted (verl logs them as pg_clipfrac_lower)."""
+    if dual_clip != 0 and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be 0 (off) or > 1 (it caps -A * ratio at -A * c), got {dual_clip}")
+    ratio = torch.exp(logp - old_logp)  # pi / pi_old
     l1, l2 = -adv * ratio, -adv * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     loss_mat = torch.maximum(l1, l2)
     if dual_clip > 0:
@@ -789,8 +812,9 @@ def policy_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, dual_clip=
 
 
 def token_rewards(score: torch.Tensor, mask: torch.Tensor, logp=None, ref_logp=None, beta: float = 0.0):
-    """Per-token rewards [B, L]: the verifier's score on the last real token of each response, and, when
-    beta > 0, the KL penalty -beta * (log pi(y_t) - log pi_ref(y_t)) on every token (k1, as in PPO-RLHF)."""
+    """Per-token rewards [B, L]: the verifier's score on the last real token of each response (verl's reward
+    managers put it at valid_response_length - 1 too), and, when beta > 0, the KL penalty
+    -beta * (log pi(y_t) - log pi_ref(y_t)) on every real token (k1, as in PPO-RLHF)."""
     last = mask.sum(-1).long().clamp(min=1) - 1  # [B] index of the last real token
     r = torch.zeros_like(mask)
     r[torch.arange(len(score)), last] = score.to(r.dtype)
@@ -804,7 +828,9 @@ def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
         delta_t = r_t + gamma * V_{t+1} - V_t          (V after the last real token is 0)
         A_t     = delta_t + gamma * lam * A_{t+1}
         returns = A + V
-    Padding positions get A = 0 and do not leak into real tokens."""
+    Padding positions get A = 0 and returns 0 and do not leak into real tokens. On real tokens this is verl's
+    compute_gae_advantage_return; verl's returns on padding are V, and it whitens A inside (here
+    masked_whiten, a separate step the caller chooses)."""
     B, L = rewards.shape
     adv = torch.zeros_like(rewards)
     next_v, next_a = torch.zeros(B, device=rewards.device), torch.zeros(B, device=rewards.device)
@@ -822,8 +848,10 @@ def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
 
 
 class ValueModel(torch.nn.Module):
-    """A language model's decoder + a scalar head: V(s_t) for every position. The head starts at zero so
-    the first values are 0 and early critic gradients do not blow up (as in verl / DVPO's code)."""
+    """A language model's decoder + a scalar head: V(s_t) for every position. Ours: the head starts at zero,
+    so the first values are 0 and the first step moves only the head (a zero head passes no gradient to the
+    decoder); verl's critic is a token-classification head with transformers' default random init, DVPO's
+    code uses TRL's value-head model."""
 
     def __init__(self, lm):
         super().__init__()
@@ -947,7 +975,9 @@ def policy_update(policy, optimizer, batch: dict, adv, args, old_logp=None, ref_
 
 def value_loss(v, v_old, returns, mask, clip: float = 0.2):
     """Clipped value loss (PPO, as in verl / OpenAI's RLHF code), masked token mean:
-        0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2);   c <= 0: 0.5 * (V - R)^2"""
+        0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2);   c <= 0: 0.5 * (V - R)^2
+    Equal to verl's compute_value_loss (token-mean) for c > 0; there c = 0 would keep the max with
+    (V_old - R)^2, here it means no clipping."""
     loss = (v - returns) ** 2
     if clip > 0:
         loss = torch.maximum(loss, (v_old + (v - v_old).clamp(-clip, clip) - returns) ** 2)
@@ -968,7 +998,9 @@ def value_update(critic, optimizer, batch: dict, returns, old_values, args, clip
 
 
 def explained_variance(values, returns, mask) -> float:
-    """1 - Var(R - V) / Var(R) over real tokens: 1 is a perfect critic, 0 no better than a constant."""
+    """1 - Var(R - V) / Var(R) over real tokens: 1 is a perfect critic, 0 no better than a constant.
+    NaN when the returns are constant; verl's vf_explained_var adds 1e-5 to Var(R) instead (its ddof 1 in
+    both variances cancels)."""
     var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
     err = returns - values
     var_e = masked_mean((err - masked_mean(err, mask)) ** 2, mask)

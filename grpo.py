@@ -25,13 +25,18 @@ Equation -> function
   clipped surrogate, aggregation, KL ...... common.policy_loss (shared by all methods)
 
 Choices that are ours, not the papers'
-  - std is the unbiased (ddof=1) group std, as in verl; eps = 1e-6.
+  - std is the unbiased (ddof=1) group std, as in verl and TRL; eps = 1e-6 added to it, as verl (the
+    papers give neither). A group of one would get A = 0 (see group_advantages): --group-size must be >= 2.
+  - No preset has a KL term (--kl-coef 0): DAPO drops it, the GRPO paper keeps beta = 0.04 with k3 in the
+    loss (--kl-coef 0.04 --kl-type k3 gives that).
+  - dapo's --overlong-buffer 0.2 is DAPO's L_cache / L_max = 4096 / 20480, as a share of --max-new-tokens.
   - Dynamic sampling resamples only as many new prompts as groups are missing (DAPO samples whole
     generation batches); after --max-resample tries it trains on the informative groups it has.
   - --variant sets presets (VARIANTS), in Python (Args(variant="dapo")) as on the command line; a value
     given explicitly overrides its preset.
-  - CPU defaults (lr 3e-5, 8 prompts x G=4, 48 tokens) are sized for smollm2-135m on 2 cores, not the
-    papers' 512 prompts x G=16, lr 1e-6.
+  - CPU defaults (lr 3e-5, 8 prompts x G=4, 48 tokens, temperature 0.7, one optimizer step per batch) are
+    sized for smollm2-135m on 2 cores, not DAPO's 512 prompts x G=16, lr 1e-6, temperature 1, 16 mini-batch
+    steps per batch.
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ VARIANTS = {  # --variant presets: each sets every field below whose default is 
     "grpo": dict(scale_std=True, loss_agg="seq-mean-token-mean", eps_high=0.2, dynamic_sampling=False, overlong_buffer=0.0),
     "drgrpo": dict(scale_std=False, loss_agg="seq-mean-token-sum-norm", eps_high=0.2, dynamic_sampling=False,
                    overlong_buffer=0.0),
-    "dapo": dict(scale_std=True, loss_agg="token-mean", eps_high=0.28, dynamic_sampling=True, overlong_buffer=0.25),
+    "dapo": dict(scale_std=True, loss_agg="token-mean", eps_high=0.28, dynamic_sampling=True, overlong_buffer=0.2),
 }
 
 
@@ -78,6 +83,17 @@ class Args(C.TrainArgs):
                       "long, every row trained, no eval/oracle/checkpoints, --out a temporary folder; prints "
                       "'bench median_s_per_step=...' last (the first step is warm-up)")
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group_size < 2:  # a group of one is its own baseline: A = 0 for every rollout
+            raise ValueError(f"--group-size must be >= 2 (a group of one has A = r - mean(r) = 0: nothing "
+                             f"to learn, with or without --dynamic-sampling), got {self.group_size}")
+        if self.max_resample < 0:
+            raise ValueError(f"--max-resample must be >= 0, got {self.max_resample}")
+        if not 0 <= self.overlong_buffer < 1 or 0 < self.overlong_buffer * self.max_new_tokens < 1:
+            raise ValueError(f"--overlong-buffer must be 0 (off) or a fraction in (0, 1) of --max-new-tokens "
+                             f"that is at least one token, got {self.overlong_buffer}")
+
 
 # ------------------------------------------------------------------------------------------------
 # The method's own math
@@ -86,8 +102,11 @@ class Args(C.TrainArgs):
 
 def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """rewards: [N, G] (N prompts, G rollouts each) -> advantages [N, G].
-    GRPO: A_i = (r_i - mean_g r) / (std_g r + eps)   (std with ddof=1, as verl)
-    Dr.GRPO: A_i = r_i - mean_g r"""
+    GRPO:    A_i = (r_i - mean_g r) / (std_g r + eps)   std with ddof 1 (verl, TRL); eps added to the std,
+                                                       1e-6 as verl (TRL: 1e-4)
+    Dr.GRPO: A_i = r_i - mean_g r
+    A group whose rewards are all equal gets A = 0. So does a group of one (its mean is its own reward), as
+    in TRL; verl's compute_grpo_outcome_advantage gives a singleton mean 0 and std 1, so A = r / (1 + eps)."""
     adv = rewards - rewards.mean(-1, keepdim=True)
     if scale_std:
         std = rewards.std(-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(adv)

@@ -29,11 +29,14 @@ Equation -> function
   explained variance ................................ common.explained_variance
   clipped surrogate / update ........................ common.policy_loss, common.policy_update
 
-Choices that are ours
+Choices that are ours (the PPO paper has no LLM setting; verl's defaults named where ours differ)
+  - lambda 0.95 and value clip 0.2, as TRL's former PPO trainer and Huang et al.'s code; verl's defaults
+    are lambda 1 and value clip 0.5. Advantages whitened with the 1/n variance (verl, TRL: 1/(n-1);
+    common.masked_whiten). The critic's head starts at zero (common.ValueModel).
   - baseline_mse uses the critic's value at the first response token, V(s_0), as the prompt's baseline:
     with gamma = 1 and a 0/1 reward it estimates the success rate p(x).
   - CPU defaults: 32 prompts x 1 rollout (the same 32 rollouts per step as grpo.py's 8 x 4), critic lr
-    1e-4 (verl uses a critic lr 10x the actor's), 1 warm-up step.
+    1e-4 (~3x the actor's 3e-5; verl's default is 10x: 1e-5 vs 1e-6), 1 warm-up step (verl: 0).
   - frac_reward_zero_std is null when --group-size is 1 (a group of one has no spread to measure).
 """
 from __future__ import annotations
@@ -62,6 +65,14 @@ class Args(C.TrainArgs):
     value_clip: float = arg(0.2, "value-loss clip range c (0: plain squared error)")
     critic_warmup: int = arg(1, "first steps in which only the critic trains")
     whiten_adv: bool = arg(True, "whiten advantages over the batch's real tokens")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, low, high in (("gamma", 0, 1), ("lam", 0, 1), ("group_size", 1, None), ("value_clip", 0, None),
+                                ("critic_warmup", 0, None)):
+            v = getattr(self, name)
+            if v < low or (high is not None and v > high):
+                raise ValueError(f"--{C.flag(name)} must be {f'in [{low}, {high}]' if high else f'>= {low}'}, got {v}")
 
 
 def main(args: Args):

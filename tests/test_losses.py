@@ -25,9 +25,9 @@ def test_group_advantages_grpo_and_drgrpo():
 def test_informative_groups_and_overlong():
     r = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
     assert informative_groups(r).tolist() == [False, True, False]
-    # L_max = 20, L_cache = 5: no penalty up to 15, then linear to -1 at 20
-    pen = overlong_penalty(torch.tensor([10, 15, 16, 18, 20]), max_len=20, buffer=5)
-    assert torch.allclose(pen, torch.tensor([0.0, 0.0, -0.2, -0.6, -1.0]))
+    # L_max = 20, L_cache = 5: no penalty up to 15, then linear to -1 at 20, and -1 past L_max (DAPO)
+    pen = overlong_penalty(torch.tensor([10, 15, 16, 18, 20, 23]), max_len=20, buffer=5)
+    assert torch.allclose(pen, torch.tensor([0.0, 0.0, -0.2, -0.6, -1.0, -1.0]))
     assert torch.equal(overlong_penalty(torch.tensor([20]), 20, 0), torch.zeros(1))
 
 

@@ -50,6 +50,30 @@ def test_explained_variance():
     assert C.explained_variance(1 - R, R, m) < 0  # anti-correlated critic: worse than a constant
 
 
+@pytest.mark.parametrize("kw,msg", [(dict(gamma=1.5), "--gamma must be in [0, 1]"), (dict(lam=-0.1), "--lam must be in [0, 1]"),
+                                    (dict(group_size=0), "--group-size must be >= 1"),
+                                    (dict(value_clip=-0.2), "--value-clip must be >= 0"),
+                                    (dict(critic_warmup=-1), "--critic-warmup must be >= 0")])
+def test_flags_that_make_no_sense_are_rejected_naming_the_flag(kw, msg):
+    with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+        ppo.Args(**kw)
+
+
+def test_value_model_reads_the_state_before_each_response_token(tiny_lm):
+    """V(s_t) for response token t is the head on the decoder's final state at column P - 1 + t (the one that
+    predicts y_t), padding and prompts of other lengths included."""
+    critic = C.ValueModel(tiny_lm)
+    torch.nn.init.normal_(critic.head.weight, generator=torch.Generator().manual_seed(0))
+    rolls = [C.Rollout(i, [5, 6, 7][: 1 + i], [10, 11, 12, 13][: 2 + i], "", [0.0] * 4, "stop") for i in range(3)]
+    batch = C.collate(rolls, pad_id=0)
+    with torch.no_grad():
+        h = tiny_lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], output_hidden_states=True).hidden_states[-1]
+        P, L = batch["prompt_len"], batch["response_ids"].shape[1]
+        want = critic.head(h[:, P - 1:P - 1 + L]).squeeze(-1)
+        assert torch.allclose(critic(batch), want, atol=1e-6)
+
+
 def test_value_model_starts_at_zero_and_learns(tiny_lm):
     critic = C.ValueModel(tiny_lm)
     rolls = [C.Rollout(i, [5, 6, 7 + i], [10, 11, 12][: 1 + i], "", [0.0] * (1 + i), "stop") for i in range(3)]

@@ -55,3 +55,25 @@ def test_score_from_a_worker_thread():
 def test_huge_completion_is_bounded():
     text = "1+" * 50_000 + "\\boxed{3}"
     assert C.score([text], ["3"])[0] == [1.0]
+
+
+class FixedSampler:
+    """Prompt i's k rollouts: the first hits[i] answer right, the rest wrong (no model)."""
+
+    def __init__(self, hits):
+        self.hits = hits
+
+    def generate(self, prompts, n, max_new_tokens, temperature, seed=0):
+        return [C.Rollout(i, [], [], "\\boxed{%d}" % (7 if j < self.hits[i] else 8), [], "stop")
+                for i in range(len(prompts)) for j in range(n)]
+
+
+def test_success_rates_and_the_oracle_baseline_mse(tiny_tok):
+    problems = [C.Problem(str(i), "What is 3 + 4?", "7") for i in range(3)]
+    sampler, args = FixedSampler([0, 1, 4]), type("A", (), {"oracle_k": 4, "max_new_tokens": 8, "temperature": 1.0})
+    p_hat = C.success_rates(sampler, tiny_tok, problems, 4, 8, 1.0, seed=0)
+    assert p_hat.tolist() == [0.0, 0.25, 1.0]
+    st = C.oracle_baseline_mse(sampler, tiny_tok, problems, [0.5, 0.5, 0.5], args, seed=0)
+    assert st["baseline_mse"] == pytest.approx((0.25 + 0.0625 + 0.25) / 3)
+    assert st["oracle_var"] == pytest.approx((0 + 0.25 * 0.75 / 3 + 0) / 3)  # p(1 - p) / (K - 1), averaged
+    assert C.evaluate(sampler, tiny_tok, problems, 8, n=4, temperature=1.0) == pytest.approx(1.25 / 3)
