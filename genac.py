@@ -1,63 +1,57 @@
 """GenAC: a generative critic that reasons in text before it scores, with In-Context Conditioning.
 
 Paper
-  Generative Actor-Critic: reviving value models for LLM RL with a generative critic (Shan, Zhong, Wang,
-  Zhao), arXiv 2604.10701 (no official code found)
+  Bringing Value Models Back: Generative Critics for Value Modeling in LLM Reinforcement Learning (Shan,
+  Zhong, Wang, Zhao), arXiv 2604.10701; the method is Generative Actor-Critic (GenAC). No official code found.
 
-What the method is
+What the method is (the paper)
   PPO's critic maps a state s_t = (x, y_<t) to a scalar in one forward pass. GenAC's critic is a language
-  model that keeps its LM head: prompted with the problem and the actor's partial response, it writes a
-  short judgement (difficulty, progress or errors so far, chance of success) and ends with an integer
-  k in 0..10, read as the value v = k / 10 of that state. In-Context Conditioning (ICC) puts facts about
-  the actor into the critic's prompt: its name and size, a smoothed running average of its success rate,
-  and the tokens left in its budget, so one critic stays calibrated while the actor changes.
-      prompt(s_t, ICC) -> critic writes "... <answer>k</answer>"  ->  v(s_t) = clamp(k, 0, 10) / 10
-  Three stages:
-      1. SFT     (`genac.py sft`)      cross-entropy on traces whose final integer is a Monte-Carlo success
-                                       rate of the state, measured from rollouts of the actor
+  model that keeps its LM head: prompted with the problem and the actor's partial response, it judges the
+  problem's difficulty and the progress or errors so far, and ends with an integer k in 0..10 for the chance
+  of success, read as the value v(s_t) = k / 10. In-Context Conditioning (ICC) instructs the critic to infer
+  the actor's capability from its partial response and gives it facts about the actor (its identity and model
+  size, a smoothed running average of its success rate), so one critic stays calibrated while the actor changes.
+      1. SFT     (`genac.py sft`)      cross-entropy on reasoning traces (the paper's are an oracle model's)
       2. RL pre-training (`pretrain`) actor frozen; REINFORCE on the critic's own tokens with reward
                                        R_v = 1 - (r - v)^2  (r the rollout's verified outcome; 0 if malformed)
-      3. joint   (`train`)             PPO: the critic is queried at segment boundaries of each response,
-                                       segment-level GAE gives the actor's advantages, and the critic keeps
-                                       taking REINFORCE steps on R_v with the fresh outcomes
-  Segment-level GAE, over boundaries b_0 = 0 < b_1 < ... < b_{K-1} = T-1 (every --segment tokens and the
-  final token), values V_k = v(s_{b_k}), the verified reward r after the last token (V_K = 0):
+      3. joint   (`train`)             PPO on advantages from the critic's values; the critic keeps taking
+                                       REINFORCE steps on R_v with the fresh outcomes
+
+Third-party readings (PAPERS.md [3rd]), not the paper's
+  - The answer is written `<answer>k</answer>`; ICC also states the tokens left in the actor's budget.
+  - Stage 3's advantages: the critic is asked at segment boundaries b_0 = 0 < b_1 < ... < b_{K-1} = T-1 (every
+    --segment tokens and the final token); with V_k = v(s_{b_k}), the verified reward r after the last token
+    and V_K = 0, segment-level GAE (gamma 1, lambda 0.95 and whitening over the batch: ppo.py's defaults)
       delta_k = [k = K-1] r + gamma V_{k+1} - V_k,     A_k = delta_k + gamma lambda A_{k+1}
-  and every token of segment k, [b_k, b_{k+1}), takes A_k.
+    and every token of segment k, [b_k, b_{k+1}), takes A_k.
 
 Equation -> function
-  the critic's prompt, with / without ICC ......... critic_prompt, icc_facts
-  parse, clamp, / 10 .............................. parse_value
-  R_v = 1 - (r - v)^2 ............................. critic_reward
-  boundaries, segment GAE, to tokens .............. segment_bounds, segment_gae, segment_advantages
-  stage 1 targets ................................. sft_trace (a Monte-Carlo rate in a template)
-  querying the critic, with the fallback .......... query_critic
-  REINFORCE on the critic's tokens ................ critic_update (common.policy_update, ratio 1)
+  the critic's prompt, with / without ICC ......... critic_prompt, icc_context
+  k -> v = k / 10; R_v = 1 - (r - v)^2 ............ parse_value; critic_rewards
+  boundaries, segment GAE, to tokens .............. segment_bounds, segment_gae, segment_advantages,
+                                                    rollout_advantages (each rollout's own values)
+  stage 1 targets ................................. monte_carlo_states, sft_trace (the rate in a template)
+  querying the critic; REINFORCE on its tokens .... query_critic; critic_update (policy_update at ratio 1)
 
 Choices that are ours, not the paper's
   - No oracle model is available offline, so stage 1's traces are honest templates, not reasoning: the
     "difficulty" word is read off the measured rate, "progress" off the partial text (a boxed answer or not),
-    and the integer is round(10 * p_MC). p_MC of the empty state is the mean of --sft-n rollouts of the
-    problem; of a later state, the mean over that rollout and --sft-continuations fresh continuations from
-    its prefix (all samples of the actor from that very state); of the final token's state, the rollout's own
-    outcome (one token is left, nearly always eos).
-  - An unparsable critic output takes the ICC running mean as its value (the fallback PAPERS.md suggests)
-    and reward 0; it is counted in critic_parse_fail. Several <answer> tags that disagree are unparsable
-    (hedging earns nothing); several that agree count once.
-  - One critic sample per state (--critic-temperature) serves both as the value for GAE and as the
-    REINFORCE sample, so stage 3 generates once per state. REINFORCE uses the step's mean R_v as its
-    baseline (variance only; the paper names REINFORCE without saying which baseline) and, for the CPU
-    budget, trains on --critic-batch of the step's answers drawn at random (0: all of them).
-  - The "final token" boundary is the state before the last response token, b = T-1; the state after it
-    is terminal, with value 0 and reward r, so a critic that reads a finished answer acts as a verifier.
+    and the integer is round(10 * p_MC), p_MC measured from the actor's own samples (monte_carlo_states).
+  - Only an integer 0..10 is an answer (" 4 " and "07" read as 4 and 7); "11", "-1", "4.5" are unparsable,
+    not clamped as the third-party reading does (an answer outside the paper's range earns nothing, not the
+    value of its nearest end); several tags must hold the same integer (hedging earns nothing). Unparsable:
+    the value is the ICC running mean (PAPERS.md's fallback), the reward 0, counted in critic_parse_fail.
+  - The critic starts as a copy of the actor unless --critic names one. One critic sample per state serves as
+    the value for GAE and as the REINFORCE sample. REINFORCE's baseline is the step's mean R_v (variance only;
+    the paper names none); for the CPU budget it trains on --critic-batch of the answers drawn at random.
+  - The "final token" boundary is the state before the last response token, b = T-1; the state after it is
+    terminal (value 0, reward r), so a critic that reads a finished answer acts as a verifier.
   - The running success rate is an EMA of each batch's accuracy, ema <- a * ema + (1 - a) * acc
     (a = --icc-ema); it travels with the critic's checkpoint into the next stage, and starts at 0.5 for a
     critic that has none. Model size is counted from the actor's parameters.
-  - CPU defaults: stage 1 on 16 problems x 4 rollouts, one continuation per mid-response state, one epoch;
-    stage 2, 3 steps of 16 rollouts; stage 3, 12 steps of 16 prompts x 1 rollout, --segment 24 with 48-token
-    responses (three queries a rollout), 32-token critic answers, 16 of them trained on per step, so
-    `python genac.py` fits 20 minutes on 2 cores (a critic prompt is ~200 tokens: the critic's update, not
-    its generation, is what costs).
+  - The sizes are for 2 CPU cores: stage 1 on 16 problems x 4 rollouts (one continuation a state), 3 steps of
+    stage 2, 12 of stage 3 (16 prompts x 1 rollout, --segment 24 of 48 tokens: three queries a rollout), 32-token
+    critic answers, 16 trained on per step.
 """
 from __future__ import annotations
 
@@ -89,8 +83,8 @@ class Args(C.TrainArgs):
     critic_temperature: float = arg(0.7, "the critic's sampling temperature")
     critic_lr: float = arg(2e-5, "critic AdamW learning rate (stages 2 and 3)")
     critic_batch: int = arg(16, "critic answers per REINFORCE step, drawn at random from the step's (0: all)")
-    icc: bool = arg(True, "In-Context Conditioning: actor name and size, its running success rate, tokens left "
-                    "(--no-icc for the ablation; use the same setting in every stage)")
+    icc: bool = arg(True, "In-Context Conditioning: the instruction to infer the actor's capability, its name and "
+                    "size, running success rate, tokens left (--no-icc: the ablation; same setting in every stage)")
     icc_ema: float = arg(0.9, "smoothing a of the running success rate: ema <- a * ema + (1 - a) * batch accuracy")
     gamma: float = arg(1.0, "discount per segment")
     lam: float = arg(0.95, "segment-level GAE lambda")
@@ -98,29 +92,39 @@ class Args(C.TrainArgs):
     # stage 1 and 2
     sft_problems: int = arg(16, "stage 1: problems of --data to collect traces on")
     sft_n: int = arg(4, "stage 1: rollouts per problem")
-    sft_continuations: int = arg(1, "stage 1: extra rollouts from each mid-response state's prefix (its Monte-Carlo "
-                                 "rate)")
+    sft_continuations: int = arg(1, "stage 1: extra rollouts from each mid-response state's prefix")
     sft_epochs: int = arg(1, "stage 1: passes over the traces")
     sft_lr: float = arg(1e-4, "stage 1: critic AdamW learning rate")
     pretrain_steps: int = arg(3, "stage 2: REINFORCE steps of the critic with the actor frozen")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, lo, hi in (("group_size", 1, None), ("segment", 1, None), ("critic_max_tokens", 1, None),
+                             ("critic_batch", 0, None), ("icc_ema", 0, 1), ("gamma", 0, 1), ("lam", 0, 1),
+                             ("sft_problems", 1, None), ("sft_n", 1, None), ("sft_continuations", 0, None)):
+            if not lo <= (x := getattr(self, name)) <= (x if hi is None else hi):
+                raise ValueError(f"--{C.flag(name)} must be {f'in [{lo}, {hi}]' if hi else f'>= {lo}'}, got {x}")
+        if self.critic_temperature <= 0:
+            raise ValueError(f"--critic-temperature must be > 0 (it samples), got {self.critic_temperature}")
 
 
 # ------------------------------------------------------------------------------------------------
 # The critic's interface: prompt, parse, reward (pure functions)
 # ------------------------------------------------------------------------------------------------
 
-ANSWER = re.compile(r"<answer>\s*(-?\d+(?:\.\d+)?)\s*</answer>")
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)  # the third-party format around the paper's integer
 
 
-def icc_facts(name: str, n_params: int, rate: float, left: int) -> str:
-    """The In-Context Conditioning line: who the actor is, how often it succeeds lately, what budget is left."""
+def icc_context(name: str, n_params: int, rate: float, left: int) -> str:
+    """The In-Context Conditioning line: the paper's instruction to infer the actor's capability from its
+    partial response, who the actor is, how often it succeeds lately, and (third-party) what budget is left."""
     size = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{round(n_params / 1e6)}M"
-    return (f"The actor is {name} ({size} parameters). Its recent success rate is {round(100 * rate)}%. "
-            f"It has {left} tokens left.")
+    return (f"Infer how capable the actor is from its response so far and these facts. The actor is {name} "
+            f"({size} parameters). Its recent success rate is {round(100 * rate)}%. It has {left} tokens left.")
 
 
 def critic_prompt(question: str, partial: str, icc: str | None) -> str:
-    """The user message the critic answers (the chat template goes around it)."""
+    """The user message the critic answers (the chat template goes around it); icc: icc_context's line or None."""
     lines = ["An actor model is solving the problem below. Estimate the chance that it ends with the correct answer."]
     if icc:
         lines.append(icc)
@@ -131,15 +135,16 @@ def critic_prompt(question: str, partial: str, icc: str | None) -> str:
 
 
 def parse_value(text: str) -> float | None:
-    """'... <answer>7</answer>' -> 0.7; clamped to [0, 10] before / 10; None when there is no tag, or several
-    tags that disagree."""
-    found = {min(max(float(k), 0.0), 10.0) for k in ANSWER.findall(text)}
-    return found.pop() / 10 if len(found) == 1 else None
+    """'... <answer>7</answer>' -> v = k / 10 = 0.7. None (unparsable) unless every tag holds the same integer
+    k in 0..10: no tag, '11', '-1', '4.5', tags that disagree. ' 4 ' and '07' read as 4 and 7."""
+    ks = {int(k) if re.fullmatch(r"[0-9]+", k := raw.strip()) and int(k) <= 10 else None
+          for raw in ANSWER.findall(text)}  # None marks a tag that holds no integer 0..10
+    return ks.pop() / 10 if len(ks) == 1 and None not in ks else None
 
 
-def critic_reward(r: float, v: float | None) -> float:
-    """R_v = 1 - (r - v)^2 for a parsed value v in [0, 1] and the verified outcome r in {0, 1}; 0 when malformed."""
-    return 0.0 if v is None else 1.0 - (r - v) ** 2
+def critic_rewards(r: torch.Tensor, v: torch.Tensor, parsed: torch.Tensor) -> torch.Tensor:
+    """R_v = 1 - (r - v)^2 per answer [N] (r verified, in {0, 1}); 0 where malformed (v is only the fallback)."""
+    return torch.where(parsed, 1 - (r - v) ** 2, 0.0)
 
 
 def sft_trace(p: float, partial: str) -> str:
@@ -179,6 +184,18 @@ def segment_advantages(bounds: list[int], adv: list[float], T: int, L: int) -> t
     return out
 
 
+def per_rollout(values: torch.Tensor, bounds: list[list[int]]) -> list[list[float]]:
+    """The flat values [sum_i K_i], in states_of's order (rollout by rollout), as each rollout's V_0..V_{K_i-1}."""
+    return [chunk.tolist() for chunk in torch.split(values, [len(b) for b in bounds])]
+
+
+def rollout_advantages(values: torch.Tensor, bounds: list[list[int]], outcomes, lengths: list[int], L: int,
+                       gamma: float, lam: float) -> torch.Tensor:
+    """Each rollout's segment GAE from its own values and outcome, spread over its own tokens: [N, L]."""
+    return torch.stack([segment_advantages(b, segment_gae(vs, y, gamma, lam), T, L)
+                        for vs, b, y, T in zip(per_rollout(values, bounds), bounds, outcomes, lengths)])
+
+
 # ------------------------------------------------------------------------------------------------
 # Querying and training the critic
 # ------------------------------------------------------------------------------------------------
@@ -195,7 +212,7 @@ class State:
 
 def critic_inputs(tok, states: list[State], args, actor: tuple[str, int], ema: float) -> list[list[int]]:
     """Token ids of each state's critic prompt (chat template), with ICC facts unless --no-icc."""
-    return [tok(C.chat_prompt(tok, critic_prompt(s.question, s.partial, icc_facts(*actor, ema, s.left)
+    return [tok(C.chat_prompt(tok, critic_prompt(s.question, s.partial, icc_context(*actor, ema, s.left)
                                                   if args.icc else None)), add_special_tokens=False)["input_ids"]
             for s in states]
 
@@ -211,9 +228,9 @@ def query_critic(sampler, tok, states: list[State], args, actor, ema: float, see
 
 def critic_update(critic, optimizer, roll: list[C.Rollout], rewards: torch.Tensor, args, pad_id: int, dev,
                   seed: int) -> dict:
-    """REINFORCE on the critic's generated tokens: grad = -(R_v - mean R_v) grad log pi_critic(output),
-    through common.policy_update with one pass (ratio 1: the clipped surrogate is exactly REINFORCE), on
-    --critic-batch of the answers drawn at random (the baseline is the mean over all of them)."""
+    """REINFORCE on the critic's written tokens, grad = -(R_v - mean R_v) grad log pi_critic(answer), on
+    --critic-batch answers drawn at random (the mean is over all): common.policy_update at ratio 1 is exactly
+    that, its token mean the sum over each answer's tokens divided by the batch's token count."""
     adv = rewards - rewards.mean()  # [N]
     keep = torch.randperm(len(roll), generator=torch.Generator().manual_seed(seed))[:args.critic_batch or len(roll)]
     batch = C.collate([roll[i] for i in keep], pad_id, dev)
@@ -349,10 +366,11 @@ def pretrain(args: Args) -> Path:
         states, _ = states_of(tok, probs, roll, y, args)
         v, ok, croll = query_critic(csampler, tok, states, args, actor, ema, seed=args.seed * 7_919 + step)
         r = torch.tensor([s.outcome for s in states])
-        R = torch.tensor([critic_reward(ri, vi if oki else None) for ri, vi, oki in zip(r.tolist(), v.tolist(), ok)])
+        R = critic_rewards(r, v, ok)
         metrics = {"acc": float(np.mean(y)), "critic_mse": float(((v - r) ** 2).mean()), "critic_reward": R.mean().item(),
                    "critic_parse_fail": int((~ok).sum()), "critic_tokens": sum(len(c.ids) for c in croll),
-                   "icc_ema": ema, **critic_update(critic, optimizer, croll, R, args, tok.pad_token_id, dev, step)}
+                   "icc_ema": ema, **critic_update(critic, optimizer, croll, R, args, tok.pad_token_id, dev,
+                                                   args.seed * 131 + step)}
         csampler.sync_weights(critic)
         ema = args.icc_ema * ema + (1 - args.icc_ema) * float(np.mean(y))
         logger.log(step, {**metrics, "time_step": time.perf_counter() - t0, "peak_mem_gb": C.peak_mem_gb()})
@@ -394,12 +412,8 @@ def train(args: Args):
         with timer("time_critic"):
             states, bounds = states_of(tok, probs, roll, correct, args)
             v, ok, croll = query_critic(csampler, tok, states, args, actor, ema, seed=args.seed * 7_919 + step)
-        adv, k = torch.zeros(len(roll), L), 0
-        for i, (b, y) in enumerate(zip(bounds, correct)):
-            adv[i] = segment_advantages(b, segment_gae(v[k:k + len(b)].tolist(), y, args.gamma, args.lam),
-                                        len(roll[i].ids), L)
-            k += len(b)
-        adv = adv.to(dev) * mask
+        adv = rollout_advantages(v, bounds, correct, [len(r.ids) for r in roll], L, args.gamma, args.lam)
+        adv = adv.to(dev) * mask  # [N, L]
         r = torch.tensor([s.outcome for s in states])
         metrics = {"reward": float(np.mean(correct)), "acc": float(np.mean(correct)), "icc_ema": ema,
                    "critic_mse": float(((v - r) ** 2).mean()), "critic_parse_fail": int((~ok).sum()),
@@ -411,7 +425,7 @@ def train(args: Args):
         with timer("time_train"):
             metrics.update(C.policy_update(policy, optimizer, batch, adv, args))
             sampler.sync_weights(policy)
-            R = torch.tensor([critic_reward(ri, vi if oki else None) for ri, vi, oki in zip(r.tolist(), v.tolist(), ok)])
+            R = critic_rewards(r, v, ok)
             metrics.update(critic_reward=R.mean().item(),
                            **critic_update(critic, critic_opt, croll, R, args, tok.pad_token_id, dev,
                                            args.seed * 131 + step))
@@ -424,7 +438,7 @@ def train(args: Args):
                        if G > 1 else None, rollouts=len(roll), tokens=int(mask.sum()), no_answer=no_answer,
                        resp_len=mask.sum(-1).mean().item())
         if args.oracle_k > 0:  # diagnostic only: the critic's value of the empty state vs a Monte-Carlo p(x)
-            v0 = torch.tensor([v[sum(map(len, bounds[:i]))].item() for i in range(len(roll))]).view(P, G).mean(-1)
+            v0 = torch.tensor([vs[0] for vs in per_rollout(v, bounds)]).view(P, G).mean(-1)
             metrics.update(C.oracle_baseline_mse(sampler, tok, probs, v0.numpy(), args, seed=args.seed * 7_919 + step))
 
         # 4. log, evaluate, checkpoint

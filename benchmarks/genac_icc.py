@@ -4,11 +4,13 @@ value of held-out prompts against their Monte-Carlo success rate under the actor
     python benchmarks/genac_icc.py                 # stages 1 and 2 twice (ICC on / off), 48 held-out prompts
     python benchmarks/genac_icc.py --heldout 32 --oracle-k 8 --extra --pretrain-steps 3
 
-Both critics see the same rollouts in the same order (same seed); only the prompt differs (genac.py --no-icc).
-The held-out prompts come from --eval-data (arith:test by default), which no stage trains on. p(x) is the mean
-of --oracle-k rollouts of the (frozen) actor; a critic's value is the mean of --critic-samples parsed answers
-at its training temperature (an unparsable answer counts as the running mean it was trained with, as in
-genac.py). Prints one line per critic and, for reference, the MSE of the best constant (the held-out mean p).
+Both critics see the same rollouts in the same order (same seed); only the prompt differs (genac.py --no-icc
+drops ICC's instruction to infer the actor's capability and its facts). The held-out prompts come from
+--eval-data (arith:test by default), which no stage trains on. p(x) is the mean of --oracle-k rollouts of the
+(frozen) actor; a critic's value is the mean of --critic-samples parsed answers, asked with the settings the
+stages trained with (genac.py's defaults and --extra), an unparsable answer counting as the running mean it
+was trained with, as in genac.py. Prints one line per critic and, for reference, the MSE of the best constant
+(the held-out mean p).
 """
 import argparse
 import json
@@ -26,10 +28,13 @@ import common as C  # noqa: E402
 import genac  # noqa: E402
 
 
+def stage_flags(icc: bool, a) -> list[str]:
+    return ["--seed", str(a.seed), *([] if icc else ["--no-icc"]), *a.extra]
+
+
 def train_critic(icc: bool, a, out: Path) -> Path:
     """genac.py sft, then pretrain from its critic; returns the stage 2 critic folder."""
-    base = [sys.executable, str(ROOT / "genac.py")]
-    flags = ["--seed", str(a.seed), *([] if icc else ["--no-icc"]), *a.extra]
+    base, flags = [sys.executable, str(ROOT / "genac.py")], stage_flags(icc, a)
     for stage, more in (("sft", []), ("pretrain", ["--critic", str(out / "sft" / "ckpt" / "critic")])):
         p = subprocess.run([*base, stage, *flags, *more, "--out", str(out / stage)], capture_output=True, text=True,
                            cwd=ROOT)
@@ -43,7 +48,7 @@ def critic_values(folder: Path, icc: bool, problems, a, tok, actor) -> tuple[np.
     model, _, path = C.load_model(str(folder))
     ema = torch.load(folder.parent / "state.pt", weights_only=False)["extra"]["ema"]
     sampler = C.make_sampler("hf", model, tok, path, torch.float32)
-    args = genac.Args(icc=icc)
+    args = C.parse_args(genac.Args, stage_flags(icc, a))  # the settings the stages ran with
     states = [genac.State(p.question, "", args.max_new_tokens) for p in problems] * a.critic_samples
     v, ok, _ = genac.query_critic(sampler, tok, states, args, actor, ema, seed=a.seed + 5)
     return v.view(a.critic_samples, len(problems)).mean(0).numpy(), float(1 - ok.float().mean())
@@ -58,11 +63,12 @@ def main():
     ap.add_argument("--eval-data", default="arith:test")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to both genac.py stages")
     a = ap.parse_args()
-    policy, tok, path = C.load_model("smollm2-135m")
-    actor = ("smollm2-135m", sum(p.numel() for p in policy.parameters()))
+    ga = C.parse_args(genac.Args, stage_flags(True, a))
+    policy, tok, path = C.load_model(ga.model)
+    actor = (Path(ga.model).name if Path(ga.model).exists() else ga.model, sum(p.numel() for p in policy.parameters()))
     problems = C.load_problems(a.eval_data, a.heldout)
-    p_mc = C.success_rates(C.HFSampler(policy, tok), tok, problems, a.oracle_k, genac.Args.max_new_tokens,
-                           genac.Args.temperature, seed=a.seed + 3)
+    p_mc = C.success_rates(C.HFSampler(policy, tok), tok, problems, a.oracle_k, ga.max_new_tokens, ga.temperature,
+                           seed=a.seed + 3)
     res = {"heldout": len(problems), "oracle_k": a.oracle_k, "p_mean": float(p_mc.mean()),
            "constant_mse": float(np.mean((p_mc - p_mc.mean()) ** 2))}
     with tempfile.TemporaryDirectory() as tmp:
