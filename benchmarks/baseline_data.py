@@ -11,7 +11,8 @@ One fixed policy (the default smollm2-135m), --prompts held-out arith:test probl
             full gradient; this one needs only the lm head's backward, not the decoder's.)
   v0        V0's p(x) (pretrained/v0-smollm2-arith), in context of the shipped history of this same policy
   probe     POISE's g(z_i) for every pool rollout: the probe (poise.fit_probe, the paper's PCA 32/64 + ridge
-            100 on layer n/2+1 states and entropies) fitted on --train-prompts x 2 rollouts of arith (train split),
+            100 on poise's default layer's states and entropies) fitted on --train-prompts x 2 rollouts of arith
+            (train split),
             target = the sibling's reward, as poise.py does
   ppo       V(s_0) of a PPO critic (ppo.py's ValueModel and targets) trained for --critic-epochs on those same
             training rollouts of this policy (as benchmarks/poise_vs_critic.py): PPO's baseline at the prompt
@@ -121,7 +122,7 @@ def main():
     policy, tok, path = C.load_model(a.model)
     policy.eval()
     sampler = C.make_sampler("auto", policy, tok, path, torch.float32, a.seed)
-    layer, d = policy.config.num_hidden_layers // 2 + 1, policy.config.hidden_size
+    layer, d = poise.probe_layer_index(-1, policy.config.num_hidden_layers), policy.config.hidden_size  # model.layers[l]
     pa = poise.Args(model=a.model, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
                     probe_layer=layer, micro_batch_size=a.micro)
 
@@ -146,9 +147,9 @@ def main():
     for s in range(0, len(flat), a.micro):
         rows = flat[s:s + a.micro]
         batch = C.collate(rows, tok.pad_token_id)
-        g, fw = norm_gain_grads(policy, batch, a.temperature, layer)
+        g, fw = norm_gain_grads(policy, batch, a.temperature, layer + 1)  # forward_logprobs counts layers from 1
         feats.append(poise.rollout_features(fw["hidden"], fw["entropy"], batch["prompt_len"], prompt_lens[s:s + a.micro],
-                                            poise.response_cuts(tok, rows), pa.last_n))
+                                            poise.response_spans(tok, rows, batch["response_ids"].shape[1]), pa.last_n))
         grads.append(g.numpy())
         max_err = max(max_err, fw["check"])
     if max_err > 1e-3:

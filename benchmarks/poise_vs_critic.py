@@ -3,7 +3,8 @@
 The paper's claim (Qwen3-4B, held-out DAPO-Math prompts): probe Pearson r 0.870 vs 0.676 for a fine-tuned
 critic of the policy's size. Here, for one fixed policy (--model):
   training data  --train-prompts prompts x 2 rollouts, seen by both estimators
-  probe          poise.fit_probe on the rows (z_i, t_i) of those rollouts (t_i: the sibling's reward)
+  probe          poise.fit_probe on the rows (z_i, t_i) of those rollouts (t_i: the sibling's reward), with
+                 poise.py's default features (model.layers[n_layers // 2 + 1], poise.py's spans)
   critic         ppo.py's critic: common.ValueModel, a copy of the policy with a zero-initialised value head,
                  trained on the same rollouts with ppo.py's targets (GAE returns, gamma 1, lambda 0.95, values
                  recomputed each pass, clipped value loss, lr 1e-4, mini-batches of 32) for --critic-epochs
@@ -49,8 +50,7 @@ def main():
     policy, tok, path = C.load_model(a.model)
     policy.eval()
     sampler = C.make_sampler("auto", policy, tok, path, torch.float32, a.seed)
-    pa = poise.Args(model=a.model, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
-                    probe_layer=policy.config.num_hidden_layers // 2 + 1)
+    pa = poise.Args(model=a.model, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
     d = policy.config.hidden_size
 
     def rollouts(problems, seed):
