@@ -1,7 +1,7 @@
 """V0: a generalist value model that predicts a policy's success rate on a prompt before any rollout.
 
 Paper
-  V0: a generalist value model at state zero, arXiv 2602.03584 (official code: Now-Join-Us/V0)
+  V0: A Generalist Value Model for Any Policy at State Zero, arXiv 2602.03584 (official code: Now-Join-Us/V0)
 
 What the method is
   A critic that is not tied to one policy. It reads the policy's *history* in context: rows
@@ -12,9 +12,9 @@ What the method is
                                               zero-initialised, so q(x) = q_0 at the start)
       z(x)   = MHA(LN(q(x)), LN(W H), W H)    K queries of width e read the tokens -> [K*e] feature
                                                                                        -> DynamicQueryAdapter
-      p(x)   = head({(z(x_i), y_i)}_context, z(x))   in-context classifier            -> InContextHead
-  Loss on query rows of one context:
-      L = 0.25 * mean_{y_i >= .5 > y_j} -log sigma(s_i - s_j)   (s = logit_1 - logit_0, Bradley-Terry)
+      p(x)   = head({(z(x_i), y_i)}_context, z(x))   in-context classifier (TabPFN) -> InContextHead (ours)
+  Loss on query rows of one context (s = logit_1 - logit_0; pairs: a success y_i >= .5, a failure y_j < .5):
+      L = 0.25 * mean_pairs -log sigma(s_i - s_j)  (Bradley-Terry)
         + 0.75 * mean_i CE([1 - y_i, y_i], softmax(logits_i))                           -> v0_loss
   Uses: before GRPO rollouts, predict p for candidate prompts and spend the rollout budget where a group
   is likely to have reward spread (`grpo`); at deployment, send each prompt to the policy with the best
@@ -30,34 +30,47 @@ Subcommands (python v0.py <cmd> --help)
 Equation -> function
   H, pooled embedding ............. Backbone.encode
   q(x), z(x) ...................... DynamicQueryAdapter
-  in-context head ................. InContextHead (ours; TabPFNHead: the paper's head, if installed)
+  in-context head ................. InContextHead, standardise (ours)
   loss ............................ ranking_loss, soft_ce, v0_loss
   baselines ....................... context_mean_baseline, knn_baseline
   budget allocation ............... informative_prob, allocate_budget
   routing ......................... route_choice
 
-Choices that are ours, not the paper's
-  - Backbone all-MiniLM-L6-v2 (ships in a PyPI package; the paper: Qwen3-Embedding-0.6B, which needs the hub).
+Choices that are ours, not the authors' (their code: main_train.sh, v0_core/)
+  - Backbone all-MiniLM-L6-v2 (ships in a PyPI package; the authors: Qwen3-Embedding-0.6B, which needs the hub).
     It is pooled as it was trained to be pooled: mean over tokens for MiniLM, last token for Qwen3-Embedding
-    and causal LMs (the paper: last token). --backbone smollm2-135m --backbone-layer 15 uses a decoder LM's
-    mid-depth states instead.
-  - Head: TabPFN v2.5's weights cannot be downloaded here, so the default head is a small transformer trained
-    from scratch with the adapter. Context tokens = feature + label embedding, query tokens = feature + a
+    and causal LMs (the authors: last token). --backbone smollm2-135m --backbone-layer 15 uses a decoder LM's
+    mid-depth states instead. --max-tokens 512 (the authors: 2048): MiniLM has 512 positions.
+  - Head: a small transformer trained from scratch with the adapter, not the authors' frozen TabPFN v2.5
+    (weights: hub repo Now-Join-Us/Generalist-Value-Model-V0, pretrained/tabpfn-v2.5-classifier-v2.5_default.ckpt;
+    code: the TabPFN commit their requirements.txt pins, with v0_core/utils/tabpfn_patches.py so that fit and
+    forward pass gradients to the adapter). Neither can be fetched here, so v0.py has no TabPFN head: one it
+    could not run or test. Ours: context tokens = feature + label embedding, query tokens = feature + a
     learned "label unknown" embedding; every token attends to context tokens only, so the output is
     invariant to the order of context rows and queries do not see each other (TabPFN's attention pattern).
-    Features are standardised with the context's own mean/std. The context label is the soft success
-    rate y (TabPFN sees y >= 0.5 only). --head tabpfn uses TabPFNClassifier when the package and its
-    weights are present.
+    Features are standardised with the context's own mean/std (standardise). The context label is the soft
+    success rate y (TabPFN sees y >= 0.5 only). A context whose success rates are all equal is trained on
+    (the authors skip it): a policy's history can be all failures, and the head must answer there.
   - Episodes: each task's rows (context.jsonl and train.jsonl pooled) are re-split at random every epoch
-    into queries (--queries rows) and a context of random size in [--min-context, --max-context], so one
-    model serves short histories (early GRPO) and long ones. The authors query their 32 train rows only.
-  - Ranking pairs: every (success, failure) pair among the episode's queries (label y >= 0.5 vs < 0.5).
+    into --queries 64 queries and a context of random size in [--min-context, --max-context], so one
+    model serves short histories (early GRPO) and long ones; one episode per optimiser step. The authors:
+    queries from train.jsonl only (32 rows a task), 8 a task (4 success/failure pairs), a context of 256
+    rows drawn from context.jsonl, 4 tasks per optimiser step (2 GPUs x 2 accumulated). Ours encodes a
+    context once for 64 queries, which on CPU is most of an episode's cost.
+  - Ranking pairs: every (success, failure) pair among the episode's queries, with the queries' natural mix.
+    The authors balance each task's queries by cyclic oversampling (the i-th success paired with the i-th
+    failure, the smaller class repeated) and drop tasks whose queries are all one class; their soft CE then
+    sees a 50/50 mix, ours the policy's own success rate.
+  - AdamW decays every trained parameter (the authors exempt names holding "bias", "ln_q.weight",
+    "ln_kv.weight"); kept so the shipped checkpoints' training is reproducible.
   - Temperature scaling: --val 10% of the training prompts are kept out, and one logit temperature is fitted on
-    them after training (the ranking keeps improving while the probabilities grow overconfident). The paper
-    reports no calibration step; TabPFN's prior may make it unnecessary there.
+    them after training (the ranking keeps improving while the probabilities grow overconfident). The authors'
+    code has no calibration step; TabPFN's prior may make it unnecessary there.
+  - eval's AUC: the mean of within-task AUCs (the authors log gAUC, per-step AUCs weighted by query count,
+    and one AUC over all queries).
   - kNN baseline: cosine similarity on the pooled backbone embedding, k chosen by leave-one-out MSE on the
     context from {5, 10, 20, 40}.
-  - Budget allocation and routing rules (the paper does not publish them): see allocate_budget, route_choice.
+  - Budget allocation and routing rules (the authors' code has neither): see allocate_budget, route_choice.
   - In `grpo`, V0's context is the policy's last --history (prompt, success rate) rows, started from the
     base policy's collected rows shipped with the checkpoint.
 """
@@ -246,7 +259,7 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ================================================================================================
-# The model: dynamic query adapter (the paper's) + in-context head (ours) or TabPFN (the paper's)
+# The model: dynamic query adapter (the authors') + in-context head (ours)
 # ================================================================================================
 
 
@@ -254,7 +267,7 @@ class DynamicQueryAdapter(nn.Module):
     """K learned queries, shifted per prompt, read the prompt's token states -> a [K*e] feature.
         q(x) = q_0 + MLP(h_pool(x))                      [K, e]; MLP's last layer zero-init -> q(x) = q_0 at init
         z(x) = MHA(LN(q(x)), LN(W_kv H), W_kv H)         [K, e] -> flattened [K*e]
-    Paper sizes: K = 168, e = 6, 3 heads (1008 features), bottleneck 128, dropout 0.2."""
+    The authors' sizes (main_train.sh): K = 168, e = 6, 3 heads (1008 features), bottleneck 128, dropout 0.2."""
 
     def __init__(self, d: int, K: int = 168, e: int = 6, heads: int = 3, bottleneck: int = 128, dropout: float = 0.2):
         super().__init__()
@@ -279,6 +292,17 @@ class DynamicQueryAdapter(nn.Module):
         return z.reshape(len(H), -1)
 
 
+def standardise(zc: torch.Tensor, zq: torch.Tensor, clip: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ours: features standardised by the context's mean and biased std + 1e-4. Small contexts follow TabPFN's
+    input normalisation (normalize_data; it uses ddof 1): a feature the context holds constant (std <= 1e-6;
+    every feature of a one-row context) is only centred, and values are clipped to [-clip, clip]. Dividing by
+    1e-4 there would blow query features up ~1e4-fold and drown the context's label.
+    zc [Nc, f], zq [Nq, f] -> (xc [Nc, f], xq [Nq, f])"""
+    mu, sd = zc.mean(0), zc.std(0, unbiased=False)
+    sd = torch.where(sd <= 1e-6, torch.ones_like(sd), sd + 1e-4)
+    return ((zc - mu) / sd).clamp(-clip, clip), ((zq - mu) / sd).clamp(-clip, clip)
+
+
 class InContextHead(nn.Module):
     """Ours (TabPFN-shaped, trained from scratch): context rows (z_i, y_i) and query rows z -> logits [Q, 2].
     Every token attends to the context tokens only: permutation-invariant in the context rows, and each
@@ -297,8 +321,7 @@ class InContextHead(nn.Module):
 
     def forward(self, zc: torch.Tensor, yc: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         """zc [Nc, f], yc [Nc] in [0, 1], zq [Nq, f] -> logits [Nq, 2]"""
-        mu, sd = zc.mean(0), zc.std(0, unbiased=False) + 1e-4  # standardise with the context's statistics
-        xc, xq = self.x_in((zc - mu) / sd), self.x_in((zq - mu) / sd)
+        xc, xq = map(self.x_in, standardise(zc, zq))
         xc = xc + self.y_in(torch.stack([yc, torch.ones_like(yc)], -1))
         x = torch.cat([xc, xq + self.unknown])[None]  # [1, Nc + Nq, h]
         nc = len(zc)
@@ -309,29 +332,6 @@ class InContextHead(nn.Module):
         return self.out(x[0, nc:])
 
 
-class TabPFNHead(nn.Module):
-    """The paper's head: TabPFN (frozen) fitted in context on binarised labels y >= 0.5; value = P(class 1).
-    Needs `pip install tabpfn` and its weights at --tabpfn-path (the hub download does not work offline).
-    Follows the authors' use: differentiable_input=True, fit(z_c, 1[y_c >= .5]), forward(z_q, return_logits)."""
-
-    def __init__(self, weights: str, device="cpu", n_estimators: int = 4):
-        super().__init__()
-        try:
-            from tabpfn import TabPFNClassifier
-        except ImportError:
-            raise SystemExit("--head tabpfn: `pip install tabpfn` and pass --tabpfn-path to its weights") from None
-        if not Path(weights).exists():
-            raise SystemExit(f"--tabpfn-path {weights}: file not found (TabPFN's weights cannot be downloaded offline)")
-        self.clf = TabPFNClassifier(model_path=weights, device=device, n_estimators=n_estimators,
-                                    inference_precision=torch.float32, differentiable_input=True)
-        self.clf._initialize_model_variables()
-
-    def forward(self, zc, yc, zq):
-        self.clf.fit(zc, (yc >= 0.5).long())
-        logits = self.clf.forward(zq, use_inference_mode=not torch.is_grad_enabled(), return_logits=True)
-        return logits.squeeze(0) if logits.ndim == 3 else logits
-
-
 class V0(nn.Module):
     """Adapter + head. Call with prompt texts and the context's success rates; the backbone stays outside
     (frozen, cached) so the checkpoint is only the trained part: a few MB."""
@@ -340,9 +340,10 @@ class V0(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.adapter = DynamicQueryAdapter(d, cfg["K"], cfg["e"], cfg["heads"], cfg["bottleneck"], cfg["dropout"])
-        f = cfg["K"] * cfg["e"]
-        self.head = (TabPFNHead(cfg["tabpfn_path"]) if cfg["head"] == "tabpfn" else
-                     InContextHead(f, cfg["head_dim"], cfg["head_layers"], cfg["head_heads"], cfg["head_dropout"]))
+        if cfg.get("head", "icl") != "icl":
+            raise SystemExit(f"config.json: head {cfg['head']!r}: v0.py has only its in-context head (see its docstring)")
+        self.head = InContextHead(cfg["K"] * cfg["e"], cfg["head_dim"], cfg["head_layers"], cfg["head_heads"],
+                                  cfg["head_dropout"])
 
     def features(self, states: list[torch.Tensor], pooled: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """list of H [T_i, d], pooled [N, d] -> z [N, K*e] (chunks bound the padded [N, T, d] tensor)"""
@@ -459,9 +460,6 @@ class TrainV0Args:
                         "(Qwen/Qwen3-Embedding-0.6B, online), or a causal LM such as smollm2-135m")
     backbone_layer: int = arg(-1, "hidden layer when the backbone is a causal LM (-1: the middle one)")
     max_tokens: int = arg(512, "prompt tokens the backbone reads (longer prompts are truncated)")
-    head: str = arg("icl", "icl: our in-context transformer; tabpfn: the paper's TabPFN (needs the package and weights)",
-                    choices=["icl", "tabpfn"])
-    tabpfn_path: str = arg("", "TabPFN classifier weights (.ckpt) for --head tabpfn")
     K: int = arg(168, "adapter: number of learned queries")
     e: int = arg(6, "adapter: query width (feature = K * e)")
     heads: int = arg(3, "adapter: attention heads")
@@ -471,10 +469,10 @@ class TrainV0Args:
     head_layers: int = arg(3, "head: layers")
     head_heads: int = arg(4, "head: attention heads")
     head_dropout: float = arg(0.1, "head: dropout")
-    epochs: int = arg(20, "passes over every task's rows as queries (the paper: 50 on GPUs)")
+    epochs: int = arg(20, "passes over every task's rows as queries (the authors: 50)")
     queries: int = arg(64, "query rows per episode")
     min_context: int = arg(32, "smallest context in training episodes")
-    max_context: int = arg(256, "largest context in training episodes (the paper: ~256)")
+    max_context: int = arg(256, "largest context in training episodes (the authors: 256)")
     lr: float = arg(2e-4, "AdamW learning rate (cosine schedule, 5% warm-up)")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     w_rank: float = arg(0.25, "weight of the ranking loss (1 - w_rank on the soft cross-entropy)")
@@ -482,6 +480,17 @@ class TrainV0Args:
                      "fit the logit temperature at the end (0: temperature 1)")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     seed: int = arg(0, "seed")
+
+    def __post_init__(self):
+        if not (0 <= self.holdout < 1 and 0 <= self.val < 1 and 0 <= self.w_rank <= 1):
+            raise ValueError(f"--holdout, --val in [0, 1), --w-rank in [0, 1]; got {self.holdout}, {self.val}, "
+                             f"{self.w_rank}")
+        if not (1 <= self.min_context <= self.max_context and self.queries >= 1 and self.epochs >= 1):
+            raise ValueError(f"need 1 <= --min-context <= --max-context, --queries, --epochs >= 1; got {self.min_context}, "
+                             f"{self.max_context}, {self.queries}, {self.epochs}")
+        if self.e % self.heads or self.head_dim % self.head_heads:
+            raise ValueError(f"--e must be a multiple of --heads, --head-dim of --head-heads; got {self.e}, {self.heads}, "
+                             f"{self.head_dim}, {self.head_heads}")
 
 
 def split_holdout(rows: list[dict], frac: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -531,7 +540,7 @@ def train(args: TrainV0Args):
         tasks[task_of(r)].append(i)
     tasks = {k: np.array(v) for k, v in tasks.items()}
 
-    cfg = {k: getattr(args, k) for k in ("backbone", "backbone_layer", "max_tokens", "head", "tabpfn_path", "K", "e",
+    cfg = {k: getattr(args, k) for k in ("backbone", "backbone_layer", "max_tokens", "K", "e",
                                          "heads", "bottleneck", "dropout", "head_dim", "head_layers", "head_heads",
                                          "head_dropout")}
     model = V0(bb.dim, cfg)
@@ -785,13 +794,17 @@ def informative_prob(p, n):
 
 
 def allocate_budget(p, budget: int, n_min: int, n_max: int) -> np.ndarray:
-    """Ours (the paper does not publish its rule): spend `budget` rollouts on candidate prompts with predicted
-    success rates p [M] so as to maximise the expected number of informative groups sum_i u(p_i, n_i),
+    """Ours (the authors' code has no allocation rule): spend `budget` rollouts on candidate prompts with
+    predicted success rates p [M], aiming at the most expected informative groups sum_i u(p_i, n_i),
     u = 1 - p^n - (1-p)^n, with n_i = 0 (skipped) or n_min <= n_i <= n_max.
     Greedy on expected informative groups per rollout: opening a group costs n_min rollouts and gains
-    u(p, n_min); growing one by a rollout gains u(p, n+1) - u(p, n). u is concave in n >= 2, so the greedy
-    top-ups are optimal given the open groups. Prompts predicted near 0 or 1 gain ~0 and are left out.
-    -> n [M] ints, sum(n) <= budget (less only when every candidate is full)."""
+    u(p, n_min); growing one by a rollout gains u(p, n+1) - u(p, n); a tie goes to opening. The greedy is exact when n_min == n_max
+    (the largest u win), and its top-ups are optimal given which groups are open (u's increments
+    p^n (1-p) + (1-p)^n p fall with n). Which groups to open is a knapsack choice it can get wrong:
+    ([.55, .46], budget 4, n 2..3) gives [0, 3] (0.75 groups) where [2, 2] gives 0.99. Prompts predicted
+    near 0 or 1 gain ~0, so they get rollouts only when no other group can use them.
+    -> n [M] ints, sum(n) <= budget; less when no open group can grow and the rollouts left cannot open
+    another (([.5, .5, .5], 10, 4, 4) -> [4, 4, 0])."""
     p = np.clip(np.asarray(p, float), 0.0, 1.0)
     n = np.zeros(len(p), dtype=int)
     left = budget
@@ -810,7 +823,7 @@ def allocate_budget(p, budget: int, n_min: int, n_max: int) -> np.ndarray:
 
 def ragged_group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale_std: bool = True, eps: float = 1e-6):
     """GRPO's group baseline when groups differ in size. rewards [B], group [B] (group index per rollout) -> [B]
-        A_i = (r_i - mean_g r) / (std_g r + eps)   (std with ddof=1, as in grpo.py)"""
+        A_i = (r_i - mean_g r) / (std_g r + eps)   (std with ddof=1, as in grpo.py; a group of one gets A = 0)"""
     G = int(group.max()) + 1
     cnt = torch.zeros(G).index_add_(0, group, torch.ones_like(rewards))
     mean = torch.zeros(G).index_add_(0, group, rewards) / cnt
@@ -839,6 +852,18 @@ class GrpoArgs(C.TrainArgs):
                             "beside it), or none")
     max_resample: int = arg(3, "dynamic: extra sampling rounds per step at most")
     scale_std: bool = arg(True, "divide advantages by the group std (GRPO)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 2 <= self.min_group <= self.max_group:
+            raise ValueError(f"need 2 <= --min-group <= --max-group (a group of one has no spread), got "
+                             f"{self.min_group}, {self.max_group}")
+        if self.alloc != "v0" and self.group_size < 2:
+            raise ValueError(f"--group-size must be >= 2 (a group of one has zero advantage), got {self.group_size}")
+        if self.alloc == "v0" and self.prompts_per_step * self.group_size < self.min_group:
+            raise ValueError(f"--min-group must fit the budget --prompts-per-step x --group-size, got {self.min_group}")
+        if self.candidates < 1 or self.history < 1:
+            raise ValueError(f"--candidates and --history must be >= 1, got {self.candidates}, {self.history}")
 
 
 def initial_history(v0_ckpt, spec: str = "auto", n: int = 64, policy: str | None = None) -> list[tuple[str, float]]:
@@ -945,7 +970,7 @@ def grpo(args: GrpoArgs):
 
 
 def route_choice(p: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
-    """Ours (the paper's routing rule is not published): m*(x) = argmax_m p_m(x) - lambda * cost_m.
+    """Ours (the authors' code has no routing rule): m*(x) = argmax_m p_m(x) - lambda * cost_m.
     p [M, X], costs [M] -> chosen policy per prompt [X]. lambda = 0: the most likely to succeed."""
     return np.argmax(p - lam * costs[:, None], axis=0)
 

@@ -44,6 +44,15 @@ def test_adapter_offset_starts_at_zero_and_learns():
     H2 = H.clone()
     H2[0, 6] += 100
     assert torch.allclose(ad.eval()(H2, mask, pooled)[0], ad(H, mask, pooled)[0], atol=1e-6)
+    Hp, mp = v0.pad_states([torch.ones(2, 3), torch.ones(3, 3)])  # right-padded with zeros, mask True on tokens
+    assert Hp.shape == (2, 3, 3) and mp.tolist() == [[True, True, False], [True] * 3] and Hp[0, 2].abs().sum() == 0
+    # z = MHA(LN(q(x)), LN(W_kv H), W_kv H): LayerNorm on queries and keys, not on values
+    with torch.no_grad():
+        ad.offset[-1].weight.normal_()  # a nonzero offset, so q(x) differs per prompt
+        kv = ad.proj_kv(H[1:2])
+        want = ad.mha(ad.ln_q(ad.queries(pooled[1:2])), ad.ln_kv(kv), kv)[0].flatten()
+        assert torch.allclose(ad(H[1:2], mask[1:2], pooled[1:2])[0], want, atol=1e-6)
+        assert not torch.allclose(ad.queries(pooled[:1]), ad.queries(pooled[1:2]))
 
 
 def test_ranking_loss_hand_made_pair():
@@ -63,10 +72,33 @@ def test_ranking_loss_hand_made_pair():
 def test_soft_ce_and_combined_loss():
     logits = torch.tensor([[0.0, 0.0]])
     assert v0.soft_ce(logits, torch.tensor([0.3])).item() == pytest.approx(math.log(2), abs=1e-6)
+    # soft labels, where hard CE (target 1[y >= .5]) differs: -(0.7 log p0 + 0.3 log p1) with p1 = sigma(1)
+    lp1, lp0 = -math.log1p(math.exp(-1)), -math.log1p(math.e)
+    one = torch.tensor([[0.0, 1.0]])
+    assert v0.soft_ce(one, torch.tensor([0.3])).item() == pytest.approx(-(0.7 * lp0 + 0.3 * lp1), abs=1e-6)  # hard: -lp0
+    assert v0.soft_ce(one, torch.tensor([0.6])).item() == pytest.approx(-(0.4 * lp0 + 0.6 * lp1), abs=1e-6)  # hard: -lp1
+    # L = 0.25 * ranking + 0.75 * soft CE, by hand: one pair (s = 1 vs 0), CE of y = (1, 0)
     logits = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
-    y = torch.tensor([1.0, 0.0])
-    want = 0.25 * v0.ranking_loss(logits, y) + 0.75 * v0.soft_ce(logits, y)
-    assert v0.v0_loss(logits, y).item() == pytest.approx(want.item(), abs=1e-7)
+    rank, ce = math.log1p(math.exp(-1)), (-lp1 + math.log(2)) / 2
+    assert v0.v0_loss(logits, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.25 * rank + 0.75 * ce, abs=1e-6)
+
+
+def test_standardise_is_the_context_z_score_and_handles_small_contexts():
+    g = torch.Generator().manual_seed(0)
+    zc, zq = torch.randn(20, 5, generator=g) * 0.05 + 1.0, torch.randn(3, 5, generator=g) * 0.05 + 1.0
+    xc, xq = v0.standardise(zc, zq)  # a normal context: (z - mean) / (biased std + 1e-4), unclipped
+    sd = zc.std(0, unbiased=False) + 1e-4
+    assert torch.allclose(xq, (zq - zc.mean(0)) / sd, atol=1e-6) and torch.allclose(xc, (zc - zc.mean(0)) / sd, atol=1e-6)
+    # one row: every feature is constant on the context -> centred only (TabPFN: std 1), not divided by 1e-4
+    xc, xq = v0.standardise(zc[:1], zq)
+    assert torch.equal(xc, torch.zeros_like(xc)) and torch.allclose(xq, zq - zc[0], atol=1e-7)
+    # a constant column among varying ones: only that column is left unscaled; extreme values clip at 100
+    zc2 = zc.clone()
+    zc2[:, 2] = 0.7
+    xc, xq = v0.standardise(zc2, zq)
+    assert torch.allclose(xq[:, 2], zq[:, 2] - 0.7, atol=1e-6) and torch.allclose(xq[:, 0], ((zq - zc2.mean(0)) / sd)[:, 0], atol=1e-6)
+    far = zc.mean(0, keepdim=True) + 1e3
+    assert torch.equal(v0.standardise(zc, far)[1], torch.full_like(far, 100.0))
 
 
 def test_head_is_invariant_to_context_order_and_queries_are_independent():
@@ -141,16 +173,51 @@ def test_temperature_scaling_recovers_overconfidence():
 # ------------------------------------------------------------------------------------------------ allocation
 
 
+def best_allocation(p, budget, n_min, n_max):
+    """The exact optimum of allocate_budget's objective, by dynamic programming over (candidate, rollouts used)."""
+    sizes = [0, *range(n_min, n_max + 1)]
+    best = np.full(budget + 1, -np.inf)
+    best[0] = 0.0
+    for pi in p:
+        best = np.array([max((best[b - n] + v0.informative_prob(pi, n) for n in sizes if n <= b), default=-np.inf)
+                         for b in range(budget + 1)])
+    return best.max()
+
+
 def test_allocate_budget_respects_the_budget_and_skips_certain_prompts():
     p = np.array([0.0, 1.0, 0.5, 0.3, 0.02, 0.6])
     n = v0.allocate_budget(p, budget=12, n_min=4, n_max=8)
-    assert n.sum() == 12 and set(n[n > 0]) <= set(range(4, 9))
-    assert n[0] == 0 and n[1] == 0 and n[4] == 0  # p = 0 or 1 (or nearly): no group is informative
-    assert n[2] > 0
+    assert n.tolist() == [0, 0, 4, 4, 0, 4]  # three groups of 4 (u(.5, 4) / 4 beats every top-up)
     assert v0.allocate_budget(np.full(2, 0.5), budget=40, n_min=4, n_max=8).sum() == 16  # every candidate full
+    # rollouts left that cannot open a group stay unspent, though a candidate is still empty
+    assert v0.allocate_budget(np.full(3, 0.5), 10, 4, 4).tolist() == [4, 4, 0]
+    # a prompt predicted at 0 gets rollouts only when no other group can use them
+    assert v0.allocate_budget(np.array([0.0, 0.5, 0.5]), 16, 4, 8).tolist() == [0, 8, 8]
+    assert v0.allocate_budget(np.array([0.0, 0.5]), 16, 4, 8).tolist() == [8, 8]
+    # the top-up goes to the larger gain u(p, 5) - u(p, 4): 0.2^4 0.8 + 0.8^4 0.2 = 0.083 for p = .2, 0.0625 for .5
+    assert v0.allocate_budget(np.array([0.5, 0.2]), 9, 4, 8).tolist() == [4, 5]
+    assert v0.allocate_budget(np.array([-0.1, 0.5, 1.2]), 20, 4, 8).tolist() == [8, 8, 4]  # as p = [0, .5, 1]
+    # a tie between opening a group and growing one goes to opening: u(.5, 2) / 2 = u(.5, 3) - u(.5, 2) = 1/4
+    assert v0.allocate_budget(np.full(2, 0.5), 4, 2, 3).tolist() == [2, 2]
     # n_min == n_max == G: pick the prompts most likely to be informative
     n = v0.allocate_budget(np.array([0.5, 0.05, 0.95, 0.4]), 8, 4, 4)
     assert n.tolist() == [4, 0, 0, 4]
+
+
+def test_allocate_budget_is_greedy_exact_in_the_cases_its_docstring_names():
+    u = lambda p, n: float(v0.informative_prob(p, n).sum())  # noqa: E731
+    # not optimal in general: the docstring's example
+    n = v0.allocate_budget(np.array([0.55, 0.46]), 4, 2, 3)
+    assert n.tolist() == [0, 3] and u([0.55, 0.46], n) == pytest.approx(0.7452, abs=1e-4)
+    assert best_allocation([0.55, 0.46], 4, 2, 3) == pytest.approx(u([0.55, 0.46], [2, 2]), abs=1e-9) == pytest.approx(0.9918, abs=1e-4)
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # n_min == n_max: exact
+        p, G = rng.random(int(rng.integers(2, 8))), int(rng.integers(2, 6))
+        budget = int(rng.integers(G, G * len(p) + 3))
+        assert u(p, v0.allocate_budget(p, budget, G, G)) == pytest.approx(best_allocation(p, budget, G, G), abs=1e-9)
+    for _ in range(40):  # the default shape (24 candidates, 32 rollouts, groups of 4-8) with arith-like p
+        p = np.clip(rng.choice([0.0, 0.02, 0.3, 0.5, 0.7, 0.98], size=24) + rng.normal(0, 0.15, 24), 0, 1)
+        assert u(p, v0.allocate_budget(p, 32, 4, 8)) == pytest.approx(best_allocation(p, 32, 4, 8), abs=1e-9)
 
 
 def test_informative_prob_matches_simulation():
@@ -158,6 +225,7 @@ def test_informative_prob_matches_simulation():
     for p, n in [(0.3, 4), (0.5, 2), (0.9, 8)]:
         sim = (rng.binomial(n, p, 200_000) % n != 0).mean()  # neither 0 nor n successes
         assert v0.informative_prob(p, n) == pytest.approx(sim, abs=0.005)
+    assert v0.informative_prob(0.5, 0) == 0 and v0.informative_prob(0.5, 1) == 0  # no group, or one rollout
 
 
 def test_v0_allocation_wastes_fewer_rollouts_than_uniform():
@@ -185,14 +253,54 @@ def test_ragged_group_advantages_match_grpo_on_equal_groups():
     # ragged: a group of 2 and a group of 3
     a = v0.ragged_group_advantages(torch.tensor([1.0, 0, 1, 1, 0]), torch.tensor([0, 0, 1, 1, 1]), scale_std=False)
     assert a.tolist() == pytest.approx([0.5, -0.5, 1 / 3, 1 / 3, -2 / 3])
+    # scaled, ddof 1: group 0 std sqrt(1/2), group 1 std sqrt(1/3); a group of one gets A = 0
+    a = v0.ragged_group_advantages(torch.tensor([1.0, 0, 1, 1, 0, 1]), torch.tensor([0, 0, 1, 1, 1, 2]))
+    s2, s3 = math.sqrt(0.5) + 1e-6, math.sqrt(1 / 3) + 1e-6
+    assert a.tolist() == pytest.approx([0.5 / s2, -0.5 / s2, 1 / 3 / s3, 1 / 3 / s3, -2 / 3 / s3, 0.0], abs=1e-6)
 
 
-def test_route_choice():
+def test_route_choice_and_curve():
     p = np.array([[0.5, 0.2, 0.9], [0.6, 0.8, 0.95]])  # policy 1 is better everywhere, and costs more
     costs = np.array([1.0, 3.0])
     assert v0.route_choice(p, costs, 0.0).tolist() == [1, 1, 1]
     assert v0.route_choice(p, costs, 0.1).tolist() == [0, 1, 0]  # pay 2 cost units only for a gain > 0.2
     assert v0.route_choice(p, costs, 10.0).tolist() == [0, 0, 0]
+    # a difference, not a ratio: p / cost would pick policy 0 here (0.3 > 0.25); 0.5 - 0.2 > 0.3 - 0.1
+    assert v0.route_choice(np.array([[0.3], [0.5]]), np.array([1.0, 2.0]), 0.1).tolist() == [1]
+    truth = np.array([[0.0, 0.5, 1.0], [1.0, 1.0, 0.5]])
+    got = v0.route_curve(p, truth, costs, [0.0, 0.1, 10.0])  # (lambda, mean cost, mean true success)
+    assert np.array(got) == pytest.approx(np.array([(0.0, 3.0, 2.5 / 3), (0.1, 5 / 3, 2 / 3), (10.0, 1.0, 1.5 / 3)]))
+
+
+def test_knn_picks_k_by_leave_one_out():
+    # 12 points on a circle (no two equally far from any point), query at angle 1. Leave-one-out (a point is
+    # never its own neighbour) picks k = 5 for the first labels, k = 10 for the second (counting the point
+    # itself would pick 5 there too)
+    ang = np.random.default_rng(2).uniform(0, 2 * np.pi, 12)
+    ec, eq = np.stack([np.cos(ang), np.sin(ang)], 1), np.array([[math.cos(1.0), math.sin(1.0)]])
+    sim = ec @ ec.T
+    np.fill_diagonal(sim, -np.inf)
+    for y, k in (([1, 3, 4, 2, 2, 5, 4, 5, 2, 4, 5, 3], 5), ([0, 2, 1, 4, 4, 4, 5, 5, 1, 0, 0, 4], 10)):
+        yc = np.array(y) / 5
+        loo = {j: np.mean((yc[np.argsort(-sim, 1)[:, :j]].mean(1) - yc) ** 2) for j in (5, 10)}
+        want = yc[np.argsort(-(ec @ eq[0]))[:k]].mean()
+        assert min(loo, key=loo.get) == k and v0.knn_baseline(ec, yc, eq) == pytest.approx([want])
+    assert v0.context_mean_baseline(yc, 2).tolist() == pytest.approx([30 / 60] * 2)  # the mean (the median is 0.6)
+
+
+def test_episodes_split_each_task_into_queries_and_a_disjoint_context():
+    class A:
+        queries, min_context, max_context = 16, 8, 20
+    tasks = {"a": np.arange(50), "b": np.arange(50, 80)}
+    rng = np.random.default_rng(0)
+    eps = v0.episodes(tasks, A, rng)
+    sizes = {len(c) for _ in range(30) for _, c, _ in v0.episodes(tasks, A, rng)}
+    assert sizes == set(range(8, 21))  # the context size is drawn from [min_context, max_context], ends included
+    for key, idx in tasks.items():
+        mine = [(c, q) for k, c, q in eps if k == key]
+        assert sorted(np.concatenate([q for _, q in mine]).tolist()) == idx.tolist()  # every row a query once
+        for c, q in mine:
+            assert not set(c) & set(q) and set(c) <= set(idx) and 8 <= len(c) <= 20 and len(set(c)) == len(c)
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -224,9 +332,23 @@ def test_train_then_eval_prints_the_summary_line(small_folder, tmp_path):
             "--context", str(out / "heldout" / "context.jsonl"), "--queries", str(out / "heldout" / "queries.jsonl"))
     last = p.stdout.strip().splitlines()[-1]
     assert last.startswith("overall auc=")
-    vals = dict(kv.split("=") for kv in last.split()[1:])
+    vals = {k: float(v) for k, v in (kv.split("=") for kv in last.split()[1:])}
     assert set(vals) == {"auc", "mse", "baseline_mean_mse", "baseline_knn_auc"}
-    assert all(0 <= float(v) <= 1 for v in vals.values())
+    # the printed numbers, recomputed here: per task, the context is the kept rows minus the query prompts
+    prompts = v0.read_prompts(small_folder / "prompt_dict.json")
+    ctx, qs = (v0.by_task(v0.read_rows(out / "heldout" / f, prompts)) for f in ("context.jsonl", "queries.jsonl"))
+    model, bb = v0.load_v0(out)
+    se, se_mean, aucs = [], [], []
+    for key, q in qs.items():
+        c = [r for r in ctx[key] if r["id"] not in {x["id"] for x in q}]
+        yc, yq = (np.array([v0.success_rate(r["score"]) for r in rs]) for rs in (c, q))
+        p = v0.predict(model, bb, [prompts[v0.prompt_key(r)] for r in c], yc, [prompts[v0.prompt_key(r)] for r in q])
+        se += list((p - yq) ** 2)
+        se_mean += list((yc.mean() - yq) ** 2)
+        aucs.append(v0.roc_auc(p, yq >= 0.5))
+    assert vals["mse"] == pytest.approx(np.mean(se), abs=1e-4)
+    assert vals["baseline_mean_mse"] == pytest.approx(np.mean(se_mean), abs=1e-4)
+    assert vals["auc"] == pytest.approx(np.nanmean(aucs), abs=1e-4)
 
 
 def test_train_is_deterministic(small_folder, tmp_path):
@@ -235,6 +357,28 @@ def test_train_is_deterministic(small_folder, tmp_path):
         run("train", "--data", str(small_folder), "--out", str(tmp_path / k), "--epochs", "1", *SMALL_MODEL)
     wa, wb = load_file(tmp_path / "a" / "v0.safetensors"), load_file(tmp_path / "b" / "v0.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_initial_history_is_the_last_rows_of_the_checkpoints_context(tmp_path):
+    prompts = v0.read_prompts(ROOT / v0.PRETRAINED / "prompt_dict.json")
+    rows = v0.read_rows(ROOT / v0.PRETRAINED / "context.jsonl", prompts)
+    want = [(prompts[v0.prompt_key(r)], v0.success_rate(r["score"])) for r in rows[-5:]]
+    assert v0.initial_history(v0.PRETRAINED, "auto", 5) == want and v0.initial_history(v0.PRETRAINED, "none") == []
+    with pytest.raises(SystemExit, match="--history-init"):
+        v0.initial_history(v0.PRETRAINED, str(tmp_path / "nope.jsonl"))
+
+
+@pytest.mark.parametrize("cls, kw, flag", [
+    (v0.GrpoArgs, {"min_group": 1}, "--min-group"), (v0.GrpoArgs, {"max_group": 3}, "--max-group"),
+    (v0.GrpoArgs, {"alloc": "uniform", "group_size": 1}, "--group-size"), (v0.GrpoArgs, {"history": 0}, "--history"),
+    (v0.GrpoArgs, {"prompts_per_step": 1, "group_size": 2}, "--min-group"),
+    (v0.TrainV0Args, {"e": 7}, "--e"), (v0.TrainV0Args, {"min_context": 300}, "--max-context"),
+    (v0.TrainV0Args, {"val": 1.0}, "--val"),
+])
+def test_flags_that_make_no_sense_are_rejected(cls, kw, flag):
+    with pytest.raises(ValueError, match=flag):
+        cls(**kw)
+    cls()  # the defaults pass
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -256,6 +400,22 @@ def test_pretrained_v0_ships_with_its_context(folder):
     assert p[0] > p[1]  # single-digit addition is easier for smollm2 than level-10 arithmetic
 
 
+def test_pretrained_v0_reads_a_one_row_context_and_divides_by_its_temperature():
+    """A one-row history: the prediction follows its label (features constant on the context are not divided
+    by ~1e-4, which drowned the label); predict = softmax(logits / temperature)."""
+    model, bb = v0.load_v0(v0.PRETRAINED)
+    ctx, qs = ["What is 3 + 4?"], ["What is 2 + 1?", "What is 47 times 8 minus 5?", "What is 12 minus 9?"]
+    p1, p0 = (v0.predict(model, bb, ctx, [y], qs) for y in (1.0, 0.0))
+    assert (p1 > 0.8).all() and (p0 < 0.2).all(), (p1, p0)
+    states = bb.encode(ctx + qs)
+    with torch.no_grad():
+        z = model.features(states, bb.pooled(states))
+        logits = model(z[:1], torch.tensor([1.0]), z[1:])
+    assert bb.pool == "mean" and torch.equal(bb.pooled(states[:1])[0], states[0].float().mean(0))  # MiniLM's pooling
+    T = model.cfg["temperature"]
+    assert T != 1 and p1 == pytest.approx((logits / T).softmax(-1)[:, 1].numpy(), abs=1e-6)
+
+
 def test_collect_writes_rows_in_the_authors_format(tmp_path):
     out = tmp_path / "d" / "context.jsonl"
     run("collect", "--problems", "3", "--n", "2", "--max-new-tokens", "8", "--sampler", "hf", "--out", str(out))
@@ -271,7 +431,9 @@ def test_grpo_subcommand_logs_allocation_metrics(tmp_path):
     run("grpo", "--steps", "1", "--prompts-per-step", "2", "--group-size", "4", "--candidates", "2",
         "--max-new-tokens", "8", "--eval-problems", "0", "--out", str(out), "--sampler", "hf")
     row = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert row["rollouts"] == 8 and row["wasted_rollout_frac"] is not None and "v0_pred_mse" in row
+    assert row["rollouts"] == 8 and "v0_pred_mse" in row
+    # budget 8, groups of 4-8: one group of 8 or two of 4, so the wasted share equals the share of flat groups
+    assert row["groups"] in (1, 2) and row["wasted_rollout_frac"] == pytest.approx(row["frac_reward_zero_std"])
     assert (out / "ckpt" / "state.pt").exists()
 
 
@@ -289,5 +451,11 @@ def test_route_from_rows_writes_a_plot(tmp_path):
     res = json.loads((tmp_path / "route" / "route.json").read_text())
     assert (tmp_path / "route" / "route.png").stat().st_size > 1000
     assert res["costs"] == [1.0, 4.0] and len(res["curve"]) > 10
-    costs = [c[1] for c in res["curve"]]
-    assert costs[0] >= costs[-1]  # a larger lambda never buys more cost
+    # the largest lambda routes every problem to the cheap policy: its cost and its measured accuracy
+    assert res["curve"][-1][1] == 1.0 and res["curve"][-1][2] == pytest.approx(res["accuracy"][0])
+    # the oracle at lambda 0 takes each routed problem's better policy (routed: half the prompts, seed 0)
+    keys = sorted(np.random.default_rng(0).choice(sorted(prompts), 20, replace=False).tolist())
+    y = {(r["model"], f"arith_{r['id']}"): v0.success_rate(r["score"]) for r in rows}
+    truth = np.array([[y[m, k] for k in keys] for m in ("small", "large")])
+    assert res["accuracy"] == pytest.approx(truth.mean(1).tolist())
+    assert res["oracle"][0][1:] == pytest.approx([np.array([1.0, 4.0])[truth.argmax(0)].mean(), truth.max(0).mean()])
