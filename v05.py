@@ -3,73 +3,71 @@
 Paper
   V_{0.5}: Generalist Value Model as a Prior for Sparse RL Rollouts, arXiv 2603.10848 (no official code found)
 
-What the method is
+What the method is (the formulas: a third-party reading consistent with the abstract; full text not checked)
   GRPO needs a group of G ~ 16 rollouts per prompt for its group-mean baseline to be accurate. V0 (v0.py)
   predicts a prompt's success rate before any rollout, from the policy's own recent history in context. V0.5
-  starts from k_init = 4 rollouts, treats V0's prediction V as a prior, and fuses it with the sparse
-  empirical mean v_k. On the +-1 reward scale, with s2 = 1 (the worst-case variance of a +-1 reward):
-      D2 = max(0, (v_k - V)^2 - s2/k)              squared prior bias, estimated         -> shrinkage
-      w  = D2 / (D2 + s2/k)                         trust in the rollouts                 -> shrinkage
-      mu = w * v_k + (1 - w) * V                    the baseline                          -> fuse
+  starts from k_init = 4 rollouts, treats V0's prediction V as a prior, and fuses it with the sparse empirical
+  mean v_k. On the +-1 reward scale, s2 = 1 is one reward's (worst-case) variance and s2/k that of v_k:
+      D2 = max(0, (v_k - V)^2 - s2/k)      shrinkage estimate of the prior's squared bias      -> shrinkage
+      w  = D2 / (D2 + s2/k)                 shrinkage weight on the rollouts                     -> shrinkage
+      mu = w * v_k + (1 - w) * V            the fused baseline                                   -> fuse
   The positive part is a hypothesis test: H0 "the prior is right" is kept when (v_k - V)^2 <= s2/k, i.e.
-  |z| <= 1 with z = (v_k - V) / sqrt(s2/k); then mu = V exactly. That is a two-sided z-test at level
-  alpha = 2 (1 - Phi(1)) ~ 0.317                                                          -> z_test_rejects
-  Budget: the estimated risk of stopping at k is
-      MSE(k) = D2 (s2/k) / (D2 + s2/k)                                                    -> risk
-  and a prompt gets one more rollout while MSE(k) - MSE(k+1) > c (c = 0.0039 ~ 1/16^2), up to k_max = 16
-  -> wants_more, adaptive_rollouts. Where the prior agrees (H0 kept, D2 = 0) the risk is 0 and the prompt
-  stops at k_init; where it is wrong, rollouts are bought until the empirical mean carries the baseline.
-  Advantage: A_i = r_i - mu (+-1 scale), broadcast over the tokens of rollout i, into the clipped surrogate.
+  |z| <= 1 with z = (v_k - V) / sqrt(s2/k); then mu = V exactly: a two-sided z-test at level
+  alpha = 2 (1 - Phi(1)) ~ 0.317, run by fuse at --alpha                                  -> z_test_rejects
+  That level is exact for Gaussian rewards of variance s2. For Bernoulli rewards and a right prior the true
+  false-rejection rate depends on k and p: 0.125 at k = 4, p = 0.5; up to 0.375 at k = 4 and 0.48 at k = 8;
+  near 0 for p near 0 or 1 (exact enumeration: benchmarks/v05_sim.py --size).
+  Budget: the risk of stopping at k is the baseline's estimated MSE plus the rollouts' cost,
+      R(k) = MSE(k) + c k,   MSE(k) = D2 (s2/k) / (D2 + s2/k)                                  -> risk, mse
+  and a prompt gets one more rollout while R(k+1) < R(k), i.e. MSE(k) - MSE(k+1) > c (c = 0.0039 ~ 1/16^2),
+  up to k_max = 16 -> wants_more, adaptive_rollouts (the gain is below 1/(k (k+1)), so c = 0.0039 alone stops
+  every prompt by k = 16). Where the prior agrees (D2 = 0) MSE(k) = 0 and the prompt stops at k_init; where it is
+  wrong, rollouts are bought until the empirical mean carries the baseline.
 
 Equation -> function
   D2, w ........................... shrinkage          (any reward scale, given its s2)
-  the test ........................ z_test_rejects (scipy, the paper's rule), binomial_rejects (--test binomial)
-  mu on 0/1 counts ................ fuse
-  MSE(k), look-ahead .............. risk, wants_more
+  the test ........................ z_test_rejects (scipy's critical value at --alpha), binomial_rejects
+  mu on 0/1 counts ................ fuse (the test, then the shrinkage)
+  MSE(k), R(k), look-ahead ........ mse, risk, wants_more
   sequential budget, batched ...... sure_extra, adaptive_rollouts (also drives benchmarks/v05_sim.py)
-  A_i ............................. v05_advantages
   the prior ....................... prior_from_v0 (v0.predict), noisy_oracle_prior, corrupt_prior
 
 Choices that are ours, not the paper's
-  - Rewards stay 0/1 in the trainer; fuse converts to the paper's +-1 scale (v = 2 v01 - 1, s2 = 1) and back.
-    The fusion is scale-equivariant (0/1 with s2 = 1/4 gives the same w and decisions; tests check this);
-    only the budget's c is tied to the +-1 scale, as in the paper. The advantage is taken on the +-1 scale too,
-    A = (2 r - 1) - (2 mu - 1): on the 0/1 scale it would be half as large, i.e. half GRPO's step (a group of 4
-    with one success gets A = 1.5 / -0.5 from GRPO's std-scaled advantage and from this one).
-  - Batching (the paper's decisions, fewer generate calls): all prompts' extra rollouts of a round are sampled
-    in one generate call, and each prompt gets every rollout the one-at-a-time rule is sure to buy whatever
-    they return (sure_extra: the rule wants more in every state those rollouts can lead to). A prompt's k, its
-    rewards and its baseline are exactly what one rollout per round would give (tested path by path); in the
-    Bernoulli world, steps of 8 prompts with prior noise sigma 0.1-0.3 take 3.7-5.6 rounds instead of 5.4-10.3
-    (benchmarks/v05_sim.py --rounds). --round-max R caps a round at R per prompt (1: one at a time, literally).
-  - --test binomial: scipy.stats.binomtest of H0: p = V on the 0/1 counts, at --alpha (default the z-rule's
-    level). When it rejects, the squared bias is the plug-in (v_k - V)^2 (no variance correction, which could
-    make it 0 although the test rejected); when it keeps H0, D2 = 0 as in the paper.
+  - The policy loss (the sources give none for V0.5; the paper compares with GRPO and DAPO): A_i = r_i - mu on
+    the +-1 scale, no std division (v05_advantages), broadcast over rollout i's tokens into common.policy_loss
+    with the shared defaults (token-mean, clip 0.2 / 0.2, no dual-clip, one epoch) and no KL term (--kl-coef must
+    be 0: no reference policy is kept). Rewards stay 0/1 in the trainer; fuse converts to +-1 and back (the
+    fusion is scale-equivariant: 0/1 with s2 = 1/4 gives the same w and decisions, tested; only c is tied to the
+    +-1 scale). A = (2 r - 1) - (2 mu - 1): on the 0/1 scale it would be half GRPO's step (with mu = 1/4, a
+    group of 4 with one success gets 1.5 / -0.5, as from GRPO's std-scaled advantage).
+  - --alpha other than 2 (1 - Phi(1)): the z-test rejects when |z| > z* = Phi^{-1}(1 - alpha/2), and the bias
+    estimate moves with it, D2 = max(0, (v_k - V)^2 - z*^2 s2/k), so the rollouts get weight exactly where the
+    test rejects. z* = 1 exactly at the default level: the rule above, bit for bit (tested).
+  - --test binomial: scipy.stats.binomtest of H0: p = V on the 0/1 counts at --alpha. When it rejects, the
+    squared bias is the plug-in (v_k - V)^2 (a variance correction could make it 0 although the test rejected).
+  - Batching: a round samples all prompts' extra rollouts in one generate call, each prompt getting every rollout
+    the one-at-a-time rule is sure to buy whatever they return (sure_extra): the same k, rewards and baseline
+    (tested path by path), fewer rounds (benchmarks/v05_sim.py --rounds). --round-max R caps a round at R.
   - --scale-std divides by the Bernoulli std of a +-1 reward, 2 sqrt(mu (1 - mu)), floored at 0.2: a group
     whose rewards are all equal still has a nonzero advantage here, so the group's own std cannot be used.
-  - The prior's V0 (--v0 auto) is pretrained/v0-smollm2-arith-ck: v0.py's model trained on the base policy at
-    three temperatures and on three GRPO checkpoints of it (steps 2, 5, 10), i.e. on (model, training step)
-    tasks as the paper's V0 is; the V0 shipped for v0.py (base policy only) let the test reject more (README).
-  - V0's context: a FIFO of the policy's (prompt, empirical success rate) rows, --history 16 long (the last two
-    steps at 8 prompts a step: the paper's V0 reads rows of one (model, step), and older rows describe a policy
-    that has since moved), plus (--fresh-context, on by default) this step's other prompts' k_init success rates:
-    the only rows of the policy as it is now. So V is predicted after the k_init round, leaving prompt i's own
-    rollouts out of its context (the test compares V with them). The FIFO starts (--history-init auto) from the
-    rows V0's checkpoint carries of this very policy (--model at --temperature; the base policy's rows it was
-    collected for, as v0.py grpo does), so no rollouts are spent on a warm-up. --warmup-prompts N adds one: N
-    prompts x k_init rollouts before step 1, counted in the spend (step 0), taken from the far end of the training
-    stream's first pass (warmup_problems) so training still sees grpo.py's prompts. With no context at all
-    every prompt gets --prior-constant. V0 is never updated here.
-  - The update runs each prompt through the decoder once for all its 4-16 rollouts (--share-prompts, on by
-    default here only: a plain optimisation, same numbers up to float rounding, about 40% less training time).
-  - Ablation priors: oracle = Monte-Carlo p from --oracle-k extra rollouts + N(0, --prior-noise), clipped;
-    constant = --prior-constant for every prompt; corrupt = the noisy oracle, but on a --corrupt-frac share
-    of prompts the far end (1 if p < 0.5 else 0), which the test must catch.
+  - The prior's V0 (--v0 auto), pretrained/v0-smollm2-arith-ck, is v0.py's model trained on the base policy at
+    three temperatures and on three of its GRPO checkpoints: on (model, training step) tasks, as the paper's V0.
+  - V0's context: a FIFO of the policy's (prompt, empirical success rate) rows, --history 16 long (two steps of 8
+    prompts: the paper's V0 reads rows of one (model, step); older rows describe a policy that has moved), plus
+    (--fresh-context) this step's other prompts' k_init rates, the only rows of the policy as it is now; so V is
+    predicted after the k_init round, leaving out prompt i's own rollouts (the test compares V with them). The
+    FIFO starts (--history-init auto) from the rows V0's checkpoint carries of --model at --temperature, so no
+    rollouts go to a warm-up; --warmup-prompts N adds one (N x k_init rollouts at step 0, counted in the spend,
+    from the far end of the stream's first pass, warmup_problems, so training still sees grpo.py's prompts).
+    With no context at all every prompt gets --prior-constant. V0 is never updated here.
+  - Ablation priors: oracle = Monte-Carlo p from --oracle-k extra rollouts + N(0, --prior-noise), clipped; constant
+    = --prior-constant; corrupt = the noisy oracle, but the far end (1 if p < 0.5 else 0) on --corrupt-frac of prompts.
   - test_reject_rate is measured at k_init (the decision that buys extra rollouts). acc is the mean of the
     prompts' success rates (each prompt weighs the same, as in GRPO), reward the mean over all rollouts.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -85,61 +83,76 @@ from common import arg
 
 V0_DEFAULT = "pretrained/v0-smollm2-arith-ck"  # committed; V0 trained on the base policy and 3 of its GRPO checkpoints
 ALPHA = float(2 * stats.norm.sf(1.0))  # 2 (1 - Phi(1)) ~ 0.3173: the level of the paper's |z| <= 1 rule
+COST = 0.0039  # c, on the +-1 reward scale: about 1/16^2
 
 
 @dataclass
 class Args(C.TrainArgs):
     """V0.5: GRPO-style training where the baseline fuses V0's prior with k >= k_init rollouts per prompt."""
-    steps: int = arg(8, "policy updates (each on a fresh batch of prompts); 8 keeps the CPU default under 10 minutes "
-                     "(4 min 28 s to 5 min 49 s over seeds 0-6 on 2 cores)")
+    steps: int = arg(8, "policy updates (each on a fresh batch of prompts); 8 keeps the CPU default under 10 minutes")
     k_init: int = arg(4, "rollouts every prompt gets before the test")
     k_max: int = arg(16, "rollouts a prompt can get at most")
-    cost: float = arg(0.0039, "c: buy one more rollout while the predicted MSE drop exceeds c (+-1 reward scale)")
-    round_max: int = arg(0, "cap on the extra rollouts a prompt gets per round (one generate call each): 0 = no cap, "
-                         "every rollout the paper's one-at-a-time rule is sure to buy (sure_extra); 1 = one at a time. "
-                         "The decisions are the paper's either way; only the number of rounds changes")
-    test: str = arg("z", "z: the paper's positive-part rule (two-sided z-test, alpha = 2(1 - Phi(1))); binomial: "
-                    "exact scipy.stats.binomtest against V", choices=["z", "binomial"])
-    alpha: float = arg(ALPHA, "level of --test binomial")
+    cost: float = arg(COST, "c: buy one more rollout while R(k+1) < R(k), i.e. the MSE drop exceeds c (+-1 scale)")
+    round_max: int = arg(0, "cap on a prompt's extra rollouts per round (one generate call): 0 = every one the one-at-"
+                         "a-time rule is sure to buy (sure_extra), 1 = one at a time; same decisions, other rounds")
+    test: str = arg("z", "z: the two-sided z-test (at the default --alpha, the paper's positive-part rule |z| > 1); "
+                    "binomial: exact scipy.stats.binomtest against V", choices=["z", "binomial"])
+    alpha: float = arg(ALPHA, "level of the test (default 2 (1 - Phi(1)); z: reject when |z| > Phi^-1(1 - alpha/2))")
     scale_std: bool = arg(False, "divide A by the +-1 reward's Bernoulli std 2 sqrt(mu (1 - mu)) (floored at 0.2)")
     prior: str = arg("v0", "v0: the V0 model; oracle: Monte-Carlo p + noise; constant; corrupt: oracle, but far "
                      "off on --corrupt-frac of prompts", choices=["v0", "oracle", "constant", "corrupt"])
     v0: str = arg("auto", f"V0 checkpoint (auto: the shipped {V0_DEFAULT} when it was trained for --model)")
-    history: int = arg(16, "the policy's most recent (prompt, success rate) rows V0 reads as context (16: the last two "
-                       "steps; ours)")
+    history: int = arg(16, "the policy's most recent (prompt, success rate) rows V0 reads as context (ours)")
     fresh_context: bool = arg(True, "V0 also reads this step's other prompts' k_init success rates (leave-one-out; "
                               "ours: they are the only rows of the policy as it is now)")
-    history_init: str = arg("auto", "rows the history starts from: auto (the V0 checkpoint's own context.jsonl rows of "
-                            "--model at --temperature: the policy as it starts, collected when V0 was made), a rows "
-                            ".jsonl (prompt_dict.json beside it), or none")
+    history_init: str = arg("auto", "rows the history starts from: auto (the V0 checkpoint's context.jsonl rows of "
+                            "--model at --temperature), a rows .jsonl (prompt_dict.json beside it), or none")
     warmup_prompts: int = arg(0, "prompts rolled out k_init times before step 1 only to seed the history, counted in "
                               "the spend (0: none; the history starts from --history-init)")
     prior_noise: float = arg(0.1, "oracle/corrupt: std of the Gaussian noise added to the Monte-Carlo p")
     prior_constant: float = arg(0.5, "constant: the prior every prompt gets")
     corrupt_frac: float = arg(0.25, "corrupt: share of prompts whose prior is set to the far end")
     share_prompts: bool = arg(True, "run a prompt through the decoder once for all its 4-16 rollouts in the update "
-                              "(common.shared_prompt_states; ours, on here because V0.5's groups repeat a prompt up to "
-                              "16 times: about half the training tokens; same numbers up to float rounding)")
+                              "(common.shared_prompt_states; ours: same numbers up to float rounding)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for f, ok, need in [("k_init", 1 <= self.k_init <= self.k_max, f"in [1, --k-max] = [1, {self.k_max}]"),
+                            ("alpha", 0 < self.alpha < 1, "in (0, 1)"), ("cost", self.cost >= 0, ">= 0"),
+                            ("history", self.history >= 1, ">= 1"),
+                            ("kl_coef", self.kl_coef == 0, "0 (v05.py keeps no reference policy)"),
+                            ("prior_constant", 0 <= self.prior_constant <= 1, "in [0, 1]"),
+                            ("corrupt_frac", 0 <= self.corrupt_frac <= 1, "in [0, 1]"),
+                            ("oracle_k", self.prior in ("v0", "constant") or self.oracle_k > 0,
+                             f"> 0 for --prior {self.prior} (its Monte-Carlo success rate; e.g. 16)")] + [
+                            (f, getattr(self, f) >= 0, ">= 0") for f in ("round_max", "warmup_prompts", "prior_noise")]:
+            if not ok:
+                raise ValueError(f"--{C.flag(f)} must be {need}, got {getattr(self, f)}")
 
 
-# ------------------------------------------------------------------------------------------------
-# The method's own math (numpy; any reward scale unless said)
-# ------------------------------------------------------------------------------------------------
+# ------------------ The method's own math (numpy; any reward scale unless said) -------------------
 
 
-def shrinkage(v_k, V, k, s2: float = 1.0):
-    """D2 = max(0, (v_k - V)^2 - s2/k),  w = D2 / (D2 + s2/k).  Arrays broadcast -> (w, D2).
-    s2 = 1 for +-1 rewards, 1/4 for 0/1 rewards (the worst-case Bernoulli variance)."""
+@functools.lru_cache  # scipy's scalar call is slow, and sure_extra asks it for every state it checks
+def z_critical(alpha: float = ALPHA) -> float:
+    """z* = Phi^{-1}(1 - alpha/2) (scipy): |z| > z*  <=>  p = 2 (1 - Phi(|z|)) < alpha.  z*(ALPHA) == 1.0 exactly."""
+    return float(stats.norm.isf(alpha / 2))
+
+
+def shrinkage(v_k, V, k, s2: float = 1.0, z2: float = 1.0):
+    """D2 = max(0, (v_k - V)^2 - z2 s2/k),  w = D2 / (D2 + s2/k).  Arrays broadcast -> (w, D2).
+    s2: one reward's variance (1 for +-1 rewards, 1/4 for 0/1: the worst-case Bernoulli's); s2/k: v_k's.
+    z2 = 1: the paper's estimate. z2 = z*^2 (ours, another --alpha): D2 > 0 exactly where z_test_rejects."""
     v_k, V, se2 = np.asarray(v_k, float), np.asarray(V, float), s2 / np.asarray(k, float)
-    D2 = np.maximum(0.0, (v_k - V) ** 2 - se2)
+    D2 = np.maximum(0.0, (v_k - V) ** 2 - z2 * se2)
     return D2 / (D2 + se2), D2
 
 
 def z_test_rejects(v_k, V, k, s2: float = 1.0, alpha: float = ALPHA):
-    """Two-sided z-test of H0: E[r] = V with known variance s2:  z = (v_k - V) / sqrt(s2/k),
-    reject when 2 (1 - Phi(|z|)) < alpha. At alpha = 2(1 - Phi(1)) this is exactly D2 > 0 in `shrinkage`."""
-    z = (np.asarray(v_k, float) - np.asarray(V, float)) / np.sqrt(s2 / np.asarray(k, float))
-    return 2 * stats.norm.sf(np.abs(z)) < alpha
+    """Two-sided z-test of H0: E[v_k] = V, z = (v_k - V) / sqrt(s2/k): reject when 2 (1 - Phi(|z|)) < alpha, i.e.
+    |z| > z*, as (v_k - V)^2 - z*^2 s2/k > 0: shrinkage's D2 > 0 bit for bit (z* = 1 at ALPHA). -> bool"""
+    se2 = s2 / np.asarray(k, float)
+    return (np.asarray(v_k, float) - np.asarray(V, float)) ** 2 - z_critical(alpha) ** 2 * se2 > 0
 
 
 def binomial_rejects(hits, k, p0, alpha: float = ALPHA):
@@ -151,13 +164,13 @@ def binomial_rejects(hits, k, p0, alpha: float = ALPHA):
 
 def fuse(hits, k, prior, test: str = "z", alpha: float = ALPHA):
     """The fused baseline from 0/1 counts. hits, k, prior (0/1 scale, V0's p): [N].
-    Computed on the paper's +-1 scale: v_k = 2 hits/k - 1, V = 2 p - 1, s2 = 1.
+    Computed on the +-1 scale: v_k = 2 hits/k - 1, V = 2 p - 1, s2 = 1; the test at level alpha gates D2.
     -> (mu [N] on the 0/1 scale, w [N], D2 [N] on the +-1 scale, reject [N] bool)"""
     hits, k, prior = np.asarray(hits, float), np.asarray(k, float), np.asarray(prior, float)
     v, V = 2 * hits / k - 1, 2 * prior - 1
     if test == "z":
-        w, D2 = shrinkage(v, V, k)
-        reject = D2 > 0  # the positive part: H0 rejected (see z_test_rejects)
+        reject = z_test_rejects(v, V, k, alpha=alpha)
+        w, D2 = shrinkage(v, V, k, z2=z_critical(alpha) ** 2)  # D2 > 0 exactly where reject
     elif test == "binomial":
         reject = binomial_rejects(hits, k, prior, alpha)
         D2 = np.where(reject, (v - V) ** 2, 0.0)  # ours: the plug-in bias once the test has rejected
@@ -168,19 +181,24 @@ def fuse(hits, k, prior, test: str = "z", alpha: float = ALPHA):
     return (mu + 1) / 2, w, D2, reject
 
 
-def risk(D2, k, s2: float = 1.0):
+def mse(D2, k, s2: float = 1.0):
     """Estimated MSE of mu after k rollouts:  MSE(k) = D2 (s2/k) / (D2 + s2/k)  (0 when H0 is kept)."""
     se2 = s2 / np.asarray(k, float)
     return np.asarray(D2, float) * se2 / (np.asarray(D2, float) + se2)
 
 
-def wants_more(D2, k, cost: float = 0.0039, k_max: int = 16, s2: float = 1.0):
-    """One-step look-ahead: another rollout pays when MSE(k) - MSE(k+1) > c, and k < k_max. -> [N] bool"""
+def risk(D2, k, cost: float = COST, s2: float = 1.0):
+    """The risk of stopping at k:  R(k) = MSE(k) + c k  (the baseline's estimated error plus the rollouts' cost)."""
+    return mse(D2, k, s2) + cost * np.asarray(k, float)
+
+
+def wants_more(D2, k, cost: float = COST, k_max: int = 16, s2: float = 1.0):
+    """One-step look-ahead: another rollout pays when R(k+1) < R(k), i.e. MSE(k) - MSE(k+1) > c, and k < k_max."""
     k = np.asarray(k)
-    return (k < k_max) & (risk(D2, k, s2) - risk(D2, k + 1, s2) > cost)
+    return (k < k_max) & (mse(D2, k, s2) - mse(D2, k + 1, s2) > cost)
 
 
-def sure_extra(hits, k, prior, cost: float = 0.0039, k_max: int = 16, test: str = "z", alpha: float = ALPHA):
+def sure_extra(hits, k, prior, cost: float = COST, k_max: int = 16, test: str = "z", alpha: float = ALPHA):
     """Ours: how many more rollouts the paper's one-at-a-time rule is certain to buy, whatever they return. After
     j more rollouts a prompt has between hits and hits + j successes; rollout j + 1 is certain when the rule
     (re-test, wants_more) asks for more in every one of those states and every earlier one. Sampling that many in
@@ -197,7 +215,7 @@ def sure_extra(hits, k, prior, cost: float = 0.0039, k_max: int = 16, test: str 
     return m
 
 
-def adaptive_rollouts(draw, prior, k_init: int = 4, k_max: int = 16, cost: float = 0.0039, test: str = "z",
+def adaptive_rollouts(draw, prior, k_init: int = 4, k_max: int = 16, cost: float = COST, test: str = "z",
                       alpha: float = ALPHA, round_max: int = 0) -> dict:
     """V0.5's budget, batched across prompts: k_init rollouts each, then the prior V, then rounds of extra
     rollouts until no prompt's look-ahead pays. Each round every prompt gets the rollouts the paper's
@@ -230,7 +248,7 @@ def adaptive_rollouts(draw, prior, k_init: int = 4, k_max: int = 16, cost: float
 
 def v05_advantages(rewards: torch.Tensor, group: torch.Tensor, mu: torch.Tensor, scale_std: bool = False,
                    std_floor: float = 0.1) -> torch.Tensor:
-    """A_i = r_i - mu_g(i) on the paper's +-1 scale, i.e. 2 (r01_i - mu01_g(i)) from our 0/1 rewards and baselines
+    """A_i = r_i - mu_g(i) on the +-1 scale, i.e. 2 (r01_i - mu01_g(i)) from our 0/1 rewards and baselines
     (--scale-std, ours: / the Bernoulli std of a +-1 reward, 2 max(sqrt(mu (1 - mu)), floor), which cancels the 2).
     rewards [B] 0/1, group [B] prompt index of each rollout, mu [N] fused baselines on the 0/1 scale -> [B]"""
     adv = 2 * (rewards - mu[group])  # (2 r - 1) - (2 mu - 1)
@@ -239,9 +257,7 @@ def v05_advantages(rewards: torch.Tensor, group: torch.Tensor, mu: torch.Tensor,
     return adv
 
 
-# ------------------------------------------------------------------------------------------------
-# The prior
-# ------------------------------------------------------------------------------------------------
+# ------------------------------------------- The prior --------------------------------------------
 
 
 def v0_checkpoint(args: Args) -> str:
@@ -286,9 +302,7 @@ def corrupt_prior(p_oracle, prior, frac: float, rng) -> tuple[np.ndarray, np.nda
     return np.where(bad, (np.asarray(p_oracle) < 0.5).astype(float), prior), bad
 
 
-# ------------------------------------------------------------------------------------------------
-# Training loop
-# ------------------------------------------------------------------------------------------------
+# ----------------------------------------- Training loop ------------------------------------------
 
 
 class PolicyDraw:
@@ -319,9 +333,8 @@ class PolicyDraw:
 
 
 def warmup_problems(problems: list[C.Problem], seed: int, k: int) -> list[C.Problem]:
-    """Ours: the warm-up takes the last k problems of the training stream's first pass, so it shares no prompt
-    with the first n - k prompts training takes, and step s trains on exactly the prompts grpo.py's step s
-    does at the same seed (V0.5 and GRPO compare on the same prompts, not on streams shifted by the warm-up)."""
+    """Ours: the warm-up takes the last k problems of the training stream's first pass, so it shares no prompt with
+    the first n - k training takes, and step s trains on the prompts grpo.py's step s does at the same seed."""
     tail = C.ProblemStream(problems, seed)
     tail.cursor = max(len(problems) - k, 0)
     return tail.take(min(k, len(problems)))
@@ -338,8 +351,6 @@ def log_prompts(path, step: int, probs: list[C.Problem], rewards: list[list[floa
 
 
 def main(args: Args):
-    if args.prior in ("oracle", "corrupt") and args.oracle_k <= 0:
-        raise SystemExit(f"--prior {args.prior} needs the Monte-Carlo success rate: pass --oracle-k > 0 (e.g. 16)")
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     v0model, bb = V0.load_v0(v0_checkpoint(args)) if args.prior == "v0" else (None, None)

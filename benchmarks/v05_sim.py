@@ -12,12 +12,14 @@ decides how many rollouts each prompt gets. Compared, all against the true p (0/
     python benchmarks/v05_sim.py                      # the table below
     python benchmarks/v05_sim.py --plot benchmarks/v05_sim.png        # and the plot in the README
     python benchmarks/v05_sim.py --rounds     # generate calls per step of 8 prompts: one at a time vs batched
+    python benchmarks/v05_sim.py --size       # the test's exact false-rejection rate per k and p (a right prior)
 """
 import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import v05  # noqa: E402
@@ -29,14 +31,13 @@ def bernoulli_draw(p, rng):
 
 
 def simulate(n: int = 20000, sigma: float = 0.1, corrupt_frac: float = 0.0, k_init: int = 4, k_max: int = 16,
-             cost: float = 0.0039, test: str = "z", seed: int = 0, round_max: int = 1) -> dict:
+             cost: float = v05.COST, test: str = "z", seed: int = 0, round_max: int = 1,
+             alpha: float = v05.ALPHA) -> dict:
     """One Bernoulli world -> MSEs against the true p, rollouts spent, and where the extra rollouts went."""
     rng = np.random.default_rng(seed)
     p = rng.random(n)
-    prior = np.clip(p + rng.normal(0, sigma, n), 0, 1)
-    bad = rng.random(n) < corrupt_frac
-    prior = np.where(bad, (p < 0.5).astype(float), prior)
-    res = v05.adaptive_rollouts(bernoulli_draw(p, rng), prior, k_init, k_max, cost, test, round_max=round_max)
+    prior, bad = v05.corrupt_prior(p, v05.noisy_oracle_prior(p, sigma, rng), corrupt_frac, rng)
+    res = v05.adaptive_rollouts(bernoulli_draw(p, rng), prior, k_init, k_max, cost, test, alpha, round_max)
     extra = res["k"] - k_init
     out = {"sigma": sigma, "rounds": res["rounds"], "corrupt_frac": corrupt_frac, "k_mean": res["k"].mean(),
            "mse": np.mean((res["mu"] - p) ** 2), "empirical_mse": np.mean((res["hits"] / res["k"] - p) ** 2),
@@ -55,12 +56,20 @@ def rounds_per_batch(sigma: float, round_max: int, batch: int = 8, batches: int 
     rounds, k = [], []
     for _ in range(batches):
         p = rng.random(batch)
-        prior = np.clip(p + rng.normal(0, sigma, batch), 0, 1)
+        prior = v05.noisy_oracle_prior(p, sigma, rng)
         streams = [np.random.default_rng(s) for s in rng.integers(1 << 31, size=batch)]
         res = v05.adaptive_rollouts(lambda counts: [g.random(c) < pi for g, pi, c in zip(streams, p, counts)],
                                     prior, round_max=round_max)
         rounds.append(res["rounds"]), k.append(res["k"].mean())
     return {"rounds": float(np.mean(rounds)), "rounds_max": int(np.max(rounds)), "k_mean": float(np.mean(k))}
+
+
+def exact_size(k: int, p: float, alpha: float = v05.ALPHA, test: str = "z") -> float:
+    """The test's true false-rejection rate at k rollouts when the prior is right (V = p) and rewards are
+    Bernoulli(p), by exact enumeration of the success count h: sum over h of Binom(h; k, p) [fuse rejects h of k]."""
+    h = np.arange(k + 1)
+    reject = v05.fuse(h, np.full(k + 1, k), np.full(k + 1, p), test, alpha)[3]
+    return float(stats.binom.pmf(h, k, p)[reject].sum())
 
 
 def group_mean_mse(n: int, G: int, seed: int = 0) -> float:
@@ -80,7 +89,19 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="", help="also save MSE against rollouts spent as a PNG here")
     ap.add_argument("--rounds", action="store_true", help="only: generate calls per step of 8 prompts, by --round-max")
+    ap.add_argument("--size", action="store_true", help="only: the test's exact size per k and p, at --alpha")
+    ap.add_argument("--alpha", type=float, default=v05.ALPHA, help="level of the test (v05 --alpha)")
     a = ap.parse_args()
+    if a.size:
+        ps, fine = [0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5], np.arange(1, 1000) / 1000
+        print(f"--test {a.test} at alpha = {a.alpha:.4f}: exact P(reject | V = p, rewards Bernoulli(p)); "
+              "p and 1 - p alike for the z-test")
+        print(f"{'k':>3}" + "".join(f"{'p=' + format(p, 'g'):>8}" for p in ps) + f"{'max over p':>12}{'at p':>7}")
+        for k in (1, 2, 3, 4, 6, 8, 12, 16):
+            size = np.array([exact_size(k, p, a.alpha, a.test) for p in fine])
+            print(f"{k:>3}" + "".join(f"{exact_size(k, p, a.alpha, a.test):>8.3f}" for p in ps)
+                  + f"{size.max():>12.3f}{fine[size.argmax()]:>7.3f}")
+        return
     if a.rounds:
         print("rounds (generate calls) per step of 8 prompts, 500 steps; the same rewards for every round_max")
         print(f"{'prior':<12}{'round_max':>10}{'rounds':>8}{'max':>6}{'rollouts/prompt':>17}")
@@ -101,8 +122,8 @@ def main():
           f"{'reject@4':>10}{'k=16':>7}")
     for corrupt in (0.0, a.corrupt_frac):
         for s in a.sigmas:
-            fixed = simulate(a.prompts, s, corrupt, k_max=4, test=a.test, seed=a.seed)
-            r = simulate(a.prompts, s, corrupt, test=a.test, seed=a.seed, round_max=a.round_max)
+            fixed = simulate(a.prompts, s, corrupt, k_max=4, test=a.test, seed=a.seed, alpha=a.alpha)
+            r = simulate(a.prompts, s, corrupt, test=a.test, seed=a.seed, round_max=a.round_max, alpha=a.alpha)
             name = f"sigma={s:g}" + (f" +{corrupt:.0%} bad" if corrupt else "")
             label = "V0.5, prior noise sigma" + (f", {corrupt:.0%} of priors corrupt" if corrupt else "")
             points.setdefault(label, []).append((r["k_mean"], r["mse"], s))
