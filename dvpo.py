@@ -1,64 +1,63 @@
 """DVPO: pretrain a global value model once, then optimise the policy against it, frozen.
 
 Paper
-  Lean and Mean: Decoupled Value Policy Optimization with Global Value Guidance (Huang et al., 2025),
-  arXiv 2502.16944 (code: microsoft/DKI_LLM, folder dvpo)
+  Pretrain Value, Not Reward: Decoupled Value Policy Optimization (Huang et al., ICLR 2026; first posted as
+  arXiv 2502.16944, "Lean and Mean: Decoupled Value Policy Optimization with Global Value Guidance").
+  Code: microsoft/DKI_LLM, folder dvpo ("official" below: recipe values read from that code).
 
 What the method is
-  PPO trains a critic as large as the policy on every batch (ppo.py). DVPO trains a token-level value
-  model once, the global value model (GVM), and then keeps it frozen: the policy phase has no critic
-  forward-backward, no critic optimizer state, and no reward model.
-
+  PPO trains a critic as large as the policy on every batch (ppo.py). DVPO trains a token-level value model
+  once, the global value model (GVM), then keeps it frozen: the policy phase has no critic forward-backward,
+  no critic optimizer state, and no reward model.
   Stage 1, `python dvpo.py pretrain`: the GVM (common.ValueModel: an LM + a zero-initialised scalar head)
-  regresses onto TD(lambda) returns bootstrapped on its own current predictions, with the sequence's
-  score r on its last token (+1 chosen / -1 rejected for preference pairs; the verifier's 0/1 for rollouts):
-      delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)                  (V after the last token is 0)
-      A_t     = sum_l (gamma * lambda)^l delta_{t+l},   G_t = A_t + V(s_t)    gamma 1, lambda 0.95
-      L       = 0.5 * masked mean_t (V(s_t) - G_t)^2               (G_t held fixed: no gradient)
-  Stage 2, `python dvpo.py train --gvm DIR`: PPO with the GVM's values in place of a critic's.
-      V_t  <- whiten(V_GVM(s_t)) over the batch's real tokens       (paper; see --variant)
-      r_t   = -beta * (log pi(y_t) - log pi_ref(y_t))               (paper: the KL penalty is the only reward)
-      A_t   = GAE(r, V; gamma 1, lambda 0.95),  A_t <- whiten(A_t)
-      policy: the clipped surrogate (eps 0.2) on A_t              -> common.policy_update
+  regresses onto TD(lambda) returns bootstrapped on its own predictions, the sequence's score r on its last
+  token (+1 chosen / -1 rejected for preference pairs; the verifier's 0/1 for rollouts):
+      delta_t = r_t + gamma V(s_{t+1}) - V(s_t)                   (V after the last token is 0)
+      G_t     = V(s_t) + sum_l (gamma lambda)^l delta_{t+l}       gamma 1, lambda 0.95
+      L       = 0.5 masked mean_t (V(s_t) - G_t)^2                (G from the values before the batch's first step)
+  Stage 2, `python dvpo.py train --gvm DIR` (official): PPO with the frozen GVM's values for a critic's:
+      V_t  <- whiten(V_GVM(s_t)), each row over all its positions, prompt and response
+      r_t   = -beta (log pi(y_t) - log pi_ref(y_t))               (the KL penalty is the only reward)
+      A_t   = GAE(r, V; gamma 1, lambda 0.95), whitened over the batch; clipped surrogate (eps 0.2), 4 epochs
+      beta adaptive (Ziegler et al. 2019): from 0.2 towards a summed KL of 6 per response
   With gamma = lambda = 1 and no reward, A_t telescopes to -V_t: the task signal lives in lambda < 1,
   A_t = (1 - lambda) sum_{m>=1} lambda^(m-1) V_{t+m} - V_t, i.e. tokens after which the value rises.
 
 Equation -> function
-  G_t (stage 1 targets) ...................... td_lambda_targets (on common.token_rewards + gae)
-  stage 1 loss and step ...................... gvm_update (common.value_loss with clip 0)
-  per-token rewards, both settings ........... dvpo_rewards
-  whitened values, GAE, whitened advantages .. dvpo_advantages
-  realised returns (for explained_variance) .. realised_returns
-  the frozen GVM ............................. load_gvm
+  G_t ........................ td_lambda_targets     stage 1 loss and step .... gvm_update (common.value_loss)
+  r_t, both settings ......... dvpo_rewards          V_GVM, whitened .......... gvm_all_values, response_values
+  GAE, whitened A ............ dvpo_advantages       beta ..................... adaptive_kl
 
-The two reward settings of stage 2 (--variant)
-  paper  the paper's policy phase: the KL penalty is the only per-token reward (beta 0.01, ours), the
-         GVM's values are whitened; all task signal comes from the GVM's value changes along the response.
-  rlvr   (default, ours) the verifiable reward r in {0, 1} also sits on the last token, and the GVM's values
-         stay raw, on the 0/1 scale they were trained on: PPO with a frozen critic. With lambda = 1 this is
-         A_t = r - V(s_t), an unbiased baseline whatever the GVM's errors; lambda = 0.95 trades a little of
-         that for lower variance. It is the default because our setting is RLVR: the reward is exact and
-         free, the paper's setting has no reward at all (the GVM replaced the reward model), and a frozen
-         135M GVM is too weak a judge to be the only signal (see the README's results). The paper setting
-         also pays for a reference model's forward (the KL reward) and punishes the last tokens of
-         responses whose values are high (the -V at the truncation above).
+The two settings of stage 2 (--variant)
+  paper  the official policy phase above.
+  rlvr   (default, ours) the verifier's reward r in {0, 1} on the last token, the GVM's values raw (the 0/1
+         scale they were trained on), no KL, lambda 1. With a terminal reward only,
+             A_t = lambda^(T-1-t) (r - V_t) + (1 - lambda) sum_{m=1}^{T-1-t} lambda^(m-1) (V_{t+m} - V_t):
+         r reaches token t with weight lambda^(T-1-t) (0.95: 0.09 at token 0 of 48, 4e-12 of 512), the rest is
+         the GVM's own value changes, biased by its errors. lambda = 1 leaves A_t = r - V_t: the GVM is a
+         baseline whose errors cost variance, never bias, which suits a GVM as weak as a CPU-sized one (see the
+         README). Our reward is exact and free; the paper's setting has none (the GVM replaced the reward model).
 
 Choices that are ours, not the paper's
-  - Stage 1 data: rollouts of the policy itself scored by the verifier (RLVR), collected from
-    --collect-problems problems drawn with another seed than stage 2's problem stream, --collect-n each;
-    preference pairs (--pairs) as in the paper can be added or used alone. Rollout rows keep their sampled
-    token ids, so the GVM reads exactly the sequences stage 2 will show it; a pair's texts are tokenised and
-    end with eos. Pairs are scored +1/-1 as in the paper and rollouts 0/1 (--pair-scores puts pairs on
-    another scale: mixing the two sets the GVM's scale, so choose it with the stage 2 setting in mind).
-  - The GVM starts from the policy's weights (--gvm-model for another backbone with the same tokenizer);
-    --gvm-holdout of the prompts stay out of stage 1 and measure the GVM (V(s_0) against the outcome).
-  - explained_variance in stage 2: the GVM's raw values against the realised return of each token, the
-    verifier's outcome discounted from the end (what the GVM was trained to predict), in both settings.
-  - Stage 1 takes one forward per micro-batch: the targets bootstrap on the detached values of the same
-    forward that the loss differentiates (identical to a separate no-grad pass first, one forward cheaper).
-  - CPU defaults: stage 1 on 80 problems x 4 rollouts, one pass in batches of 16; stage 2 on 16 prompts x 1
-    rollout for 16 steps, one optimizer step per batch (the paper: 4 epochs), so the whole run fits
-    15 minutes on 2 cores.
+  - Stage 1 data: the policy's rollouts scored by the verifier (RLVR), --collect-n each on --collect-problems
+    problems drawn with another seed than stage 2's; preference pairs (--pairs, as official) can be added or
+    used alone (--pair-scores: mixing 0/1 rollouts with +-1 pairs sets the GVM's scale). Every row is read
+    behind the chat prompt the policy sees (official stage 1: the raw question), rollouts with their sampled
+    ids, so the GVM reads what stage 2 shows it; a pair's texts are tokenised and end with eos.
+  - The GVM starts from the policy's weights (or --gvm-model, same tokenizer); --gvm-holdout of the prompts
+    stay out of stage 1 and measure it (V(s_0) against the outcome).
+  - --whiten-values leaves padding out (official: each forward micro-batch, 1 row in its run, unmasked, so a
+    row's left padding to the batch's longest row counts, with values set by the other rows and the kernel).
+  - explained_variance in stage 2: the raw GVM values against each token's realised return (the outcome).
+  - Recipe at CPU scale [official]. GVM: full fine-tuning, AdamW --gvm-lr 5e-5 constant, batches of 16, one
+    step each [LoRA r 8, Adafactor 1.41e-5 decaying linearly, batches of 32, 2 passes of one-row steps:
+    --gvm-batch 32 --gvm-minibatch 1 --gvm-batch-epochs 2]; one step per batch takes G from the detached
+    values of the forward the loss differentiates (the same G, one forward fewer). Policy: full fine-tuning,
+    AdamW --lr, one step per batch [LoRA r 16, Adafactor 2e-6 decaying linearly, --epochs 4]; gradients
+    clipped at 1 [not]; a fixed --max-new-tokens [drawn from 32..639 per batch]; no mini-batch skipped [when
+    its mean ratio > 10]. Why: peft is no dependency and LoRA saves memory 135M does not need; AdamW and one step
+    per batch are every method's here, so runs compare; it fits 2 cores (default: stage 1 on 80 problems x 4
+    rollouts, one pass; stage 2 on 16 prompts x 1 rollout, 16 steps).
 """
 from __future__ import annotations
 
@@ -72,6 +71,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -80,50 +80,74 @@ from scipy import stats
 import common as C
 from common import arg
 
-VARIANTS = {  # --variant presets; explicit flags win
-    "rlvr": {"whiten_values": False, "kl_coef": 0.0},
-    "paper": {"whiten_values": True, "kl_coef": 0.01},
+VARIANTS = {  # --variant presets: each sets every field below whose default is None; explicit values win
+    "rlvr": {"whiten_values": False, "kl_coef": 0.0, "kl_target": 0.0, "lam": 1.0},
+    "paper": {"whiten_values": True, "kl_coef": 0.2, "kl_target": 6.0, "lam": 0.95},  # the official code's
 }
 
 
 @dataclass
 class Args(C.TrainArgs):
     """DVPO: pretrain a global value model (GVM) on scored sequences, then PPO against it frozen."""
+    PRESETS: ClassVar[dict] = {"variant": VARIANTS}
     # stage 2: the policy
     steps: int = arg(16, "stage 2: policy updates (each on a fresh batch of rollouts)")
     prompts_per_step: int = arg(16, "stage 2: prompts per step")
     group_size: int = arg(1, "stage 2: rollouts per prompt (DVPO needs no groups)")
-    variant: str = arg("rlvr", "stage 2 reward: rlvr (the verifier's terminal reward + raw GVM values; ours, the "
-                       "default) or paper (the KL penalty only, whitened GVM values)", choices=list(VARIANTS))
+    variant: str = arg("rlvr", "stage 2 preset: rlvr (ours: terminal reward, raw values, lambda 1) or paper (official: "
+                       "KL reward only, row-whitened values, adaptive beta, lambda 0.95)", choices=list(VARIANTS))
     gvm: str = arg("", "stage 2: the GVM folder that `dvpo.py pretrain --out DIR` wrote (with no subcommand: OUT/gvm)")
-    whiten_values: bool = arg(False, "whiten the GVM's values over the batch's real tokens (paper: on)")
+    whiten_values: bool | None = arg(None, "stage 2: whiten the GVM's values, each row over its prompt and response "
+                                     "positions (official); default: set by --variant")
+    kl_coef: float | None = arg(None, "stage 2: beta of the KL reward (the start when --kl-target > 0); default: "
+                                "set by --variant")
+    kl_target: float | None = arg(None, "stage 2: adaptive beta's target, the mean summed KL per response (0: beta "
+                                  "fixed); default: set by --variant")
     gamma: float = arg(1.0, "discount gamma (both stages)")
-    lam: float = arg(0.95, "GAE / TD lambda (both stages)")
+    lam: float | None = arg(None, "stage 2: GAE lambda; default: set by --variant")
     whiten_adv: bool = arg(True, "whiten advantages over the batch's real tokens")
     # stage 1: the GVM
-    gvm_model: str = arg("", "GVM backbone: '' starts it from the policy (--model); or another model with the "
-                         "same tokenizer")
+    gvm_model: str = arg("", "GVM backbone: '' starts it from the policy (--model); or a model with its tokenizer")
     rollouts: str = arg("", "stage 1 data: a .jsonl of {prompt, response, score} rows to reuse ('' collects them "
                         "from the policy into OUT/rollouts.jsonl)")
     collect_problems: int = arg(80, "stage 1: problems of --data to collect rollouts on")
     collect_n: int = arg(4, "stage 1: rollouts per problem")
     pairs: str = arg("", "stage 1: preference pairs, a .jsonl of {prompt, chosen, rejected} rows (optional)")
-    pair_scores: str = arg("1,-1", "stage 1: scores of a pair's chosen and rejected response (paper: +1, -1)")
+    pair_scores: str = arg("1,-1", "stage 1: scores of a pair's chosen and rejected response (official: +1, -1)")
+    gvm_lam: float = arg(0.95, "stage 1: lambda of the TD(lambda) targets (official: 0.95)")
     gvm_epochs: int = arg(1, "stage 1: passes over the GVM's training rows")
-    gvm_batch: int = arg(16, "stage 1: rows per GVM optimizer step")
+    gvm_batch: int = arg(16, "stage 1: rows per batch, whose targets are computed once (official: 32)")
+    gvm_batch_epochs: int = arg(1, "stage 1: passes over each batch on its fixed targets (official: 2)")
+    gvm_minibatch: int = arg(0, "stage 1: rows per GVM optimizer step (0: the whole batch; official: 1)")
     gvm_lr: float = arg(5e-5, "stage 1: GVM AdamW learning rate")
     gvm_holdout: float = arg(0.125, "stage 1: share of prompts kept out of training to measure the GVM")
 
+    def __post_init__(self):
+        super().__post_init__()
+        unit, pos = (0, 1), (1, math.inf)
+        for name, (lo, hi) in {"lam": unit, "gvm_lam": unit, "gamma": unit, "kl_coef": (0, math.inf),
+                               "kl_target": (0, math.inf), "gvm_minibatch": (0, math.inf), "group_size": pos,
+                               "collect_n": pos, "gvm_epochs": pos, "gvm_batch": pos, "gvm_batch_epochs": pos}.items():
+            if not lo <= getattr(self, name) <= hi:
+                raise ValueError(f"--{C.flag(name)} must be in [{lo}, {hi}], got {getattr(self, name)}")
+        if not 0 <= self.gvm_holdout < 1:
+            raise ValueError(f"--gvm-holdout must be in [0, 1), got {self.gvm_holdout}")
+        if self.kl_target > 0 and self.kl_coef == 0:
+            raise ValueError("--kl-target > 0 needs --kl-coef > 0 (the controller scales beta: from 0 it stays 0)")
+        try:
+            chosen, rejected = map(float, self.pair_scores.split(","))
+        except ValueError:
+            raise ValueError(f"--pair-scores must be two numbers 'chosen,rejected', got {self.pair_scores!r}") from None
+
 
 # ------------------------------------------------------------------------------------------------
-# The math: targets, rewards, advantages (pure functions on [B, L] tensors)
+# The math: targets, rewards, values, advantages (pure functions on [B, L] tensors)
 # ------------------------------------------------------------------------------------------------
 
 
 def td_lambda_targets(score, values, mask, gamma: float = 1.0, lam: float = 0.95) -> torch.Tensor:
-    """Stage 1 targets G_t [B, L]: score [B] on each sequence's last real token, values [B, L] the GVM's own
-    current predictions V(s_t) (bootstrapping):  delta_t = r_t + gamma V_{t+1} - V_t,
-    A_t = sum_l (gamma lambda)^l delta_{t+l},  G_t = A_t + V_t  (the lambda-return)."""
+    """Stage 1 targets G_t [B, L] (the lambda-return): score [B] on each sequence's last real token, values [B, L]
+    the GVM's own V(s_t):  delta_t = r_t + gamma V_{t+1} - V_t,  G_t = V_t + sum_l (gamma lambda)^l delta_{t+l}."""
     _, returns = C.gae(C.token_rewards(score, mask), values, mask, gamma, lam)
     return returns
 
@@ -141,13 +165,34 @@ def dvpo_rewards(score, mask, variant: str, logp=None, ref_logp=None, beta: floa
     return C.token_rewards(task, mask, logp, ref_logp, beta)
 
 
-def dvpo_advantages(values, rewards, mask, gamma: float = 1.0, lam: float = 0.95, whiten_values: bool = True,
-                    whiten_adv: bool = True) -> torch.Tensor:
-    """values [B, L] from the frozen GVM, rewards [B, L] -> advantages [B, L]:
-    V <- whiten(V) (optional), A = GAE(r, V; gamma, lambda), A <- whiten(A) (optional)."""
-    v = C.masked_whiten(values, mask) if whiten_values else values
-    adv, _ = C.gae(rewards, v, mask, gamma, lam)
+def whiten_rows(x, attn, eps: float = 1e-8) -> torch.Tensor:
+    """x, attn [B, N] -> each row b: (x - mean_b) / sqrt(var_b + eps) over its real positions (attn = 1), var_b
+    with n - 1 (torch.var, as TRL's whiten that the official code calls on each row); padding -> 0."""
+    n = attn.sum(-1, keepdim=True)
+    mean = (x * attn).sum(-1, keepdim=True) / n.clamp(min=1)
+    var = ((x - mean) ** 2 * attn).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * attn
+
+
+def response_values(v_all, batch: dict, whiten: bool = False) -> torch.Tensor:
+    """The GVM's values at every position [B, P+L] -> V(s_t) [B, L] for the states before each response token;
+    whiten (official): each row over all its positions first (prompt, response, the state after the last token)."""
+    P, L = batch["prompt_len"], batch["response_ids"].shape[1]
+    v_all = whiten_rows(v_all, batch["attention_mask"]) if whiten else v_all
+    return v_all[:, P - 1:P + L - 1] * batch["response_mask"]
+
+
+def dvpo_advantages(values, rewards, mask, gamma: float = 1.0, lam: float = 0.95, whiten_adv: bool = True):
+    """values [B, L] from the frozen GVM (see response_values), rewards [B, L] -> advantages [B, L]:
+    A = GAE(r, V; gamma, lambda), A <- whiten(A) over the batch's real tokens (optional)."""
+    adv, _ = C.gae(rewards, values, mask, gamma, lam)
     return C.masked_whiten(adv, mask) if whiten_adv else adv
+
+
+def adaptive_kl(beta: float, kl: float, n: int, target: float, horizon: float = 10_000.0) -> float:
+    """The adaptive KL controller (Ziegler et al. 2019; TRL's, which the official code uses). After a batch of n
+    responses whose summed KL per response is kl on average: beta <- beta (1 + clip(kl/target - 1, +-0.2) n/horizon)."""
+    return beta * (1 + float(np.clip(kl / target - 1, -0.2, 0.2)) * n / horizon)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,7 +230,7 @@ def read_scored(path) -> list[dict]:
 
 
 def read_pairs(path, chosen: float = 1.0, rejected: float = -1.0) -> list[dict]:
-    """Preference rows {prompt, chosen, rejected} -> two scored rows each (the paper: +1 chosen, -1 rejected)."""
+    """Preference rows {prompt, chosen, rejected} -> two scored rows each (official: +1 chosen, -1 rejected)."""
     rows = []
     for i, row in C.read_jsonl(path):
         if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
@@ -234,16 +279,19 @@ def gvm_report(gvm, seqs: list[C.Rollout], scores: torch.Tensor, const: float, a
 
 
 def gvm_update(gvm, optimizer, batch: dict, score, args) -> dict:
-    """One GVM optimizer step on a batch of scored sequences (score [B]): each micro-batch's forward gives
-    V(s_t) [b, L] once; its detached copy makes the targets G_t (bootstrapping on the current predictions,
-    so no separate no-grad pass is needed) and 0.5 * masked mean (V - G)^2 is the loss."""
+    """One batch of stage 1 (score [B]): targets G_t [B, L] from the GVM's values before the batch's first step,
+    held fixed, then args.epochs passes of steps on args.minibatch_size rows, each on 0.5 masked mean (V - G)^2.
+    One step per batch: G from the detached values of the forward the loss differentiates (one forward fewer)."""
     mask, score = batch["response_mask"], score.to(batch["response_mask"].device)
+    one_step = args.epochs == 1 and args.minibatch_size in (0, len(mask))
+    G = None if one_step else td_lambda_targets(score, C.critic_values(gvm, batch, args.micro_batch_size), mask,
+                                                args.gamma, args.gvm_lam)  # [B, L], no gradient
 
     def loss_fn(r):
         v = gvm(C.slice_batch(batch, r))  # [b, L]
-        G = td_lambda_targets(score[r], v.detach(), mask[r], args.gamma, args.lam)  # [b, L], no gradient
-        loss = C.value_loss(v, v.detach(), G, mask[r], clip=0.0)
-        return loss, {"value_loss": loss.item(), "explained_variance": C.explained_variance(v.detach(), G, mask[r]),
+        g = td_lambda_targets(score[r], v.detach(), mask[r], args.gamma, args.gvm_lam) if G is None else G[r]
+        loss = C.value_loss(v, v.detach(), g, mask[r], clip=0.0)
+        return loss, {"value_loss": loss.item(), "explained_variance": C.explained_variance(v.detach(), g, mask[r]),
                       "value_mean": C.masked_mean(v.detach(), mask[r]).item()}
     with C.update_mode(gvm, args.grad_checkpointing, args.autocast):
         st = C.minibatch_update(optimizer, mask, args, loss_fn, "token-mean")
@@ -304,7 +352,7 @@ def pretrain(args: Args) -> Path:
         start = C.load_checkpoint(str(out), {"gvm": (gvm, optimizer)})["step"]
     logger = C.RunLogger(str(out), resume_step=start)
     logger.CONSOLE = ["value_loss", "explained_variance", "gvm_heldout_mse", "gvm_heldout_const_mse", "gvm_heldout_auc"]
-    one_pass = dataclasses.replace(args, epochs=1, minibatch_size=0)  # each GVM batch is one optimizer step
+    per_batch = dataclasses.replace(args, epochs=args.gvm_batch_epochs, minibatch_size=args.gvm_minibatch)
     report = lambda: gvm_report(gvm, [seqs[i] for i in held], scores[held], const, args, tok.pad_token_id, dev)  # noqa: E731
 
     if start == 0:
@@ -315,7 +363,7 @@ def pretrain(args: Args) -> Path:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 31 + epoch))
         idx = [train[j] for j in order[i * args.gvm_batch:(i + 1) * args.gvm_batch]]
         batch = C.collate([seqs[j] for j in idx], tok.pad_token_id, dev)
-        metrics = {"tokens": int(batch["response_mask"].sum()), **gvm_update(gvm, optimizer, batch, scores[idx], one_pass)}
+        metrics = {"tokens": int(batch["response_mask"].sum()), **gvm_update(gvm, optimizer, batch, scores[idx], per_batch)}
         if i == per_epoch - 1:  # end of a pass: measure on the held-out prompts
             metrics.update(report())
         metrics.update(time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
@@ -323,7 +371,7 @@ def pretrain(args: Args) -> Path:
         if step == total or (args.save_every and step % args.save_every == 0):
             C.save_checkpoint(str(out), step, {"gvm": (gvm, optimizer)})
     meta = {"base": str(Path(base).resolve()) if Path(base).exists() else base, "rows": len(rows),
-            "train_rows": len(train), "heldout_rows": len(held), "gamma": args.gamma, "lam": args.lam,
+            "train_rows": len(train), "heldout_rows": len(held), "gamma": args.gamma, "lam": args.gvm_lam,
             "data": str(rows_file), "pairs": args.pairs, "steps": total, "final": report()}
     tmp = out / "gvm.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
@@ -352,6 +400,19 @@ def load_gvm(folder, tok, device, dtype) -> tuple[C.ValueModel, dict]:
     return gvm.eval().requires_grad_(False), meta
 
 
+def gvm_all_values(gvm: C.ValueModel, batch: dict, micro: int) -> torch.Tensor:
+    """V_GVM at every position of [prompt | response], no gradient: [B, P+L] (ValueModel.forward keeps the
+    response's states only; the official whitening also counts the prompt's)."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, batch["input_ids"].shape[0], micro):
+            b = C.slice_batch(batch, slice(s, s + micro))
+            h = gvm.backbone(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                             position_ids=b["position_ids"]).last_hidden_state
+            out.append(gvm.head(h).squeeze(-1).float())
+    return torch.cat(out)
+
+
 def train(args: Args):
     if not args.gvm:
         raise SystemExit("dvpo.py train needs --gvm DIR (a folder written by `python dvpo.py pretrain --out DIR`)")
@@ -363,11 +424,11 @@ def train(args: Args):
     parts = {"policy": (policy, optimizer)}
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)
-    start = 0
+    ref = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_coef > 0 else None  # pi_0, also on --resume
+    start, beta = 0, args.kl_coef
     if args.resume:
         state = C.load_checkpoint(args.out, parts)
-        start, stream.cursor = state["step"], state["extra"]["cursor"]
-    ref = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_coef > 0 else None
+        start, stream.cursor, beta = state["step"], state["extra"]["cursor"], state["extra"]["kl_coef"]
     sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
     logger = C.RunLogger(args.out, resume_step=start)
     G, P, mbs = args.group_size, args.prompts_per_step, args.micro_batch_size
@@ -388,13 +449,15 @@ def train(args: Args):
 
         with timer("time_train"):
             # 2. the method: the frozen GVM's values, per-token rewards, GAE, whitened advantages
-            values = C.critic_values(gvm, batch, mbs)  # [B, L] V_GVM(s_t), raw
+            v_all = gvm_all_values(gvm, batch, mbs)  # [B, P+L]
+            values = response_values(v_all, batch)  # [B, L] V_GVM(s_t), raw
             old_logp = ref_logp = None
             if ref is not None:  # the KL reward needs log pi and log pi_ref of the sampled tokens
                 old_logp = C.logprobs_no_grad(policy, batch, args.temperature, args.logp_chunk, mbs)
                 ref_logp = C.logprobs_no_grad(ref, batch, args.temperature, args.logp_chunk, mbs)
-            rewards = dvpo_rewards(correct.to(dev), mask, args.variant, old_logp, ref_logp, args.kl_coef)
-            adv = dvpo_advantages(values, rewards, mask, args.gamma, args.lam, args.whiten_values, args.whiten_adv)
+            rewards = dvpo_rewards(correct.to(dev), mask, args.variant, old_logp, ref_logp, beta)
+            adv = dvpo_advantages(response_values(v_all, batch, args.whiten_values), rewards, mask, args.gamma,
+                                  args.lam, args.whiten_adv)
             realised = realised_returns(correct.to(dev), mask, args.gamma)
             metrics = {"reward": rewards.sum(-1).mean().item(), "acc": correct.mean().item(),
                        "explained_variance": C.explained_variance(values, realised, mask),
@@ -404,7 +467,10 @@ def train(args: Args):
             metrics.update(C.policy_update(policy, optimizer, batch, adv, args, old_logp=old_logp))
             sampler.sync_weights(policy)
             if ref is not None:  # the KL the reward paid (k1 of the sampled tokens), not the loss's (0 here)
-                metrics["kl"] = C.masked_mean(old_logp - ref_logp, mask).item()
+                metrics.update(kl=C.masked_mean(old_logp - ref_logp, mask).item(), kl_coef=beta)
+                if args.kl_target > 0:  # the controller sees the mean summed KL per response
+                    beta = adaptive_kl(beta, ((old_logp - ref_logp) * mask).sum(-1).mean().item(), len(roll),
+                                       args.kl_target)
 
         flat = correct.view(P, G)
         metrics.update(adv_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item(),
@@ -422,7 +488,7 @@ def train(args: Args):
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):
-            C.save_checkpoint(args.out, step, parts, {"cursor": stream.cursor, "gvm": args.gvm})
+            C.save_checkpoint(args.out, step, parts, {"cursor": stream.cursor, "gvm": args.gvm, "kl_coef": beta})
     return logger.path
 
 
@@ -442,4 +508,4 @@ if __name__ == "__main__":
     if cmd is not None and cmd not in COMMANDS:
         raise SystemExit(f"python dvpo.py [{'|'.join(COMMANDS)}] [flags]: unknown command {cmd!r}")
     fn = COMMANDS.get(cmd, run_all)
-    fn(C.parse_args(Args, sys.argv[2:] if cmd else sys.argv[1:], presets=VARIANTS))
+    fn(C.parse_args(Args, sys.argv[2:] if cmd else sys.argv[1:]))
