@@ -93,10 +93,11 @@ def main(args: Args):
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)
     start = 0
+    # pi_ref is the initial policy: copied before --resume loads the checkpoint into `policy`
+    ref = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_coef > 0 else None
     if args.resume:
         state = C.load_checkpoint(args.out, parts)
         start, stream.cursor = state["step"], state["extra"]["cursor"]
-    ref = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_coef > 0 else None
     sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
     logger = C.RunLogger(args.out, resume_step=start)
     G, P, mbs = args.group_size, args.prompts_per_step, args.micro_batch_size
