@@ -1,7 +1,8 @@
 """Shared plumbing for every method file: models, problems, sampling, rewards, log-probs, the loss.
 
 Nothing here is specific to one method. A method file imports what it needs and keeps its own
-baseline / critic / advantage math in its own small functions. Sections, top to bottom:
+baseline / critic / advantage math in its own small functions (PPO's token rewards, GAE and
+value model are in ppo.py, which dvpo.py and genac.py import). Sections, top to bottom:
 
   CLI .............. TrainArgs (the flags every training script shares), parse_args
   models ........... load_model (embedded smollm2-135m, a local folder, a hub id or alias)
@@ -12,10 +13,8 @@ baseline / critic / advantage math in its own small functions. Sections, top to 
   log-probs ........ forward_logprobs: chunked so [B, T, vocab] logits never exist at once; a group's shared
                      prompt runs once (shared_prompt_states)
   losses ........... policy_loss (clip / clip-higher / dual-clip, 3 aggregation modes, KL k1/k2/k3)
-  advantages ....... masked_mean, masked_whiten, gae
-  critics .......... ValueModel (LM + zero-initialised scalar head)
-  updates .......... minibatch_update (epochs, mini/micro-batches, NaN-safe step), policy_update,
-                     value_loss / value_update, explained_variance
+  advantages ....... masked_mean, masked_whiten
+  updates .......... minibatch_update (epochs, mini/micro-batches, NaN-safe step), policy_update
   run .............. RunLogger (metrics.jsonl + console), checkpoints (atomic, --resume), evaluate
 """
 from __future__ import annotations
@@ -30,6 +29,7 @@ import os
 import random
 import resource
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,10 +67,10 @@ class TrainArgs:
     temperature: float = arg(0.7, "sampling temperature for training rollouts (top_p=1, top_k off; papers: 1.0)")
     lr: float = arg(3e-5, "AdamW learning rate (papers at 4B scale use 1e-6; 3e-5 suits the 135M default)")
     seed: int = arg(0, "seed for data order, sampling and init; same seed, same CPU, same numbers")
-    out: str = arg("runs/default", "run folder: metrics.jsonl, checkpoints")
+    out: str = arg("runs/default", "run folder: metrics.jsonl, checkpoints (each method defaults to runs/<method>)")
     sampler: str = arg("auto", "rollout backend: vllm on a GPU when installed, else transformers; vllm-bf16: "
-                       "vLLM with bfloat16 weights while training stays in --dtype (CPU: ~30%% faster sampling, "
-                       "its log-probs 0.03-0.04 from float32's)", choices=["auto", "hf", "vllm", "vllm-bf16"])
+                       "vLLM with bfloat16 weights while training stays in --dtype (faster sampling; its "
+                       "log-probs differ a little from the float32 trainer's)", choices=["auto", "hf", "vllm", "vllm-bf16"])
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
     resume: bool = arg(False, "continue from the checkpoint in --out (weights, optimizer, step, RNG)")
     eval_every: int = arg(0, "evaluate every N steps (0: only before the first and after the last step)")
@@ -93,16 +93,15 @@ class TrainArgs:
     dtype: str = arg("auto", "weights' dtype; auto: float32 on CPU, bfloat16 on GPU",
                      choices=["auto", "float32", "bfloat16", "float16"])
     share_prompts: bool = arg(False, "run a group's shared prompt through the decoder once in the update "
-                              "(common.shared_prompt_states): ~30%% fewer training tokens at G=4, same numbers up to "
-                              "float rounding (deterministic, --resume exact); off where the default runs' committed "
-                              "logs were made with one pass per row, on in v05 (groups of 4-16 rows)")
+                              "(common.shared_prompt_states): fewer training tokens, the same log-probs and gradients up "
+                              "to float rounding, deterministic (--resume exact)")
     logp_chunk: int = arg(1024, "tokens per chunk of the lm-head/log-softmax (memory vs speed); 0: all at once "
                           "and no recompute in backward (fastest; the [tokens, vocab] logits are kept)")
     grad_checkpointing: bool = arg(False, "recompute each decoder layer's activations in backward instead of "
-                                   "storing them: less memory, ~1/3 more training compute (verl's default)")
+                                   "storing them: less memory, more training compute (verl's default)")
     autocast: str = arg("off", "updates' forward/backward under torch.autocast: bf16 (mixed precision: float32 "
-                        "weights and optimizer, bf16 matmuls; ~2x faster on a CPU with AVX512-BF16, log-probs "
-                        "~0.02 from float32's on average) or off", choices=["off", "bf16"])
+                        "weights and optimizer, bf16 matmuls: faster where the CPU or GPU has bf16 units, "
+                        "log-probs less exact than float32's) or off", choices=["off", "bf16"])
 
     def __post_init__(self):
         for selector, table in self.PRESETS.items():
@@ -148,10 +147,33 @@ def parse_args(cls, argv=None):
         p.error(str(e))
 
 
+def run_command(commands: dict, default, cls, argv=None):
+    """`python script.py [command] [flags]`: the named command (commands: name -> fn(args)), or `default` with no
+    command, called with cls's flags parsed from the rest of argv."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = argv[0] if argv and not argv[0].startswith("-") else None
+    if name is not None and name not in commands:
+        script = Path(sys.argv[0]).name
+        raise SystemExit(f"python {script} [{'|'.join(commands)}] [flags]: unknown command {name!r}")
+    fn = commands.get(name, default)
+    return fn(parse_args(cls, argv[1:] if name else argv))
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rollout_seed(seed: int, step: int, salt: int = 0) -> int:
+    """The sampler's seed for a step's training rollouts (salt: a resample, or another stage's draw): the same
+    for the same run seed and step, so a --resume'd run samples what the uninterrupted one did."""
+    return seed * 1_000_003 + step * 101 + salt
+
+
+def second_seed(seed: int, step: int) -> int:
+    """The seed of a step's second sampling stream (oracle rollouts, a critic's answers), apart from rollout_seed."""
+    return seed * 7_919 + step
 
 
 def pick_device(device: str = "auto", dtype: str = "auto"):
@@ -258,7 +280,7 @@ class Problem:
 
 # arith: word problems in ten levels, {level: (template, range of a, of b, of c, answer)}. On smollm2-135m
 # (temperature 0.7, 48 tokens) levels 1, 2 and 5 succeed about half the time and levels 7-10 rarely, so
-# a batch spans the whole range of success rates p(x), which is what value models need (README: numbers).
+# a batch spans the whole range of success rates p(x), which is what value models need (docs/common.md: Problems).
 ARITH_LEVELS = {
     1: ("What is {a} + {b}?", (1, 5), (1, 4), (0, 0), lambda a, b, c: a + b),
     2: ("What is {a} + {b}?", (1, 9), (1, 9), (0, 0), lambda a, b, c: a + b),
@@ -350,11 +372,11 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
 def load_problems(spec: str, limit: int | None = None) -> list[Problem]:
     """'arith' / 'arith:test', a .jsonl path, or a hub dataset id ('org/name' or 'org/name:split')."""
     if spec.split(":")[0] == "arith":
-        probs = arith_problems(spec.split(":")[1] if ":" in spec else "train")
+        problems = arith_problems(spec.split(":")[1] if ":" in spec else "train")
     elif spec.endswith(".jsonl") or Path(spec).exists():
         path = Path(spec)
-        probs = [normalize_row(row, f"{path}:{i}") for i, row in read_jsonl(path)]
-        if not probs:
+        problems = [normalize_row(row, f"{path}:{i}") for i, row in read_jsonl(path)]
+        if not problems:
             raise ValueError(f"{path}: no problems in file")
     else:
         try:
@@ -363,8 +385,8 @@ def load_problems(spec: str, limit: int | None = None) -> list[Problem]:
             raise SystemExit(f"--data {spec}: not 'arith' nor a file; hub datasets need `pip install datasets`") from None
         name, _, split = spec.partition(":")
         ds = datasets.load_dataset(name, split=split or "train")
-        probs = [normalize_row(dict(r), f"{spec}[{i}]") for i, r in enumerate(ds)]
-    return probs if limit is None else probs[:limit]
+        problems = [normalize_row(dict(r), f"{spec}[{i}]") for i, r in enumerate(ds)]
+    return problems if limit is None else problems[:limit]
 
 
 class ProblemStream:
@@ -471,7 +493,8 @@ class HFSampler:
                 tok = logp.argmax(-1)
             lp = logp.gather(-1, tok[:, None])[:, 0]
             tok = torch.where(done, self.tok.pad_token_id, tok)
-            toks.append(tok), lps.append(torch.where(done, 0.0, lp))
+            toks.append(tok)
+            lps.append(torch.where(done, 0.0, lp))
             mask = torch.cat([mask, (~done).long()[:, None]], 1)
             done = done | torch.isin(tok, eos)
             if done.all() or t == max_new - 1:
@@ -622,8 +645,8 @@ def slice_batch(batch: dict, idx) -> dict:
 
 def _chunk_logp(h, w, targets, temperature, with_entropy: bool):
     """h: [N, d] hidden states, w: [V, d] lm head, targets: [N] -> log p(target) [N], entropy [N].
-    Float32 also under bf16 autocast: here a bf16 head over 49k logits added ~40% of autocast's mean log-prob
-    error, and was no faster on this CPU."""
+    Float32 also under bf16 autocast: a log-softmax over ~50k-150k logits is where bf16's rounding costs most
+    (docs/common.md has the measurement)."""
     with torch.autocast(h.device.type, enabled=False):
         logits = (h.to(w.dtype) @ w.T).float() / temperature  # [N, V]: exists for one chunk only
     lse = torch.logsumexp(logits, -1)
@@ -811,71 +834,6 @@ def policy_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, dual_clip=
     return loss, {"clip_frac": clip_frac, "kl": masked_mean(kl.detach(), mask).item()}
 
 
-def token_rewards(score: torch.Tensor, mask: torch.Tensor, logp=None, ref_logp=None, beta: float = 0.0):
-    """Per-token rewards [B, L]: the verifier's score on the last real token of each response (verl's reward
-    managers put it at valid_response_length - 1 too), and, when beta > 0, the KL penalty
-    -beta * (log pi(y_t) - log pi_ref(y_t)) on every real token (k1, as in PPO-RLHF)."""
-    last = mask.sum(-1).long().clamp(min=1) - 1  # [B] index of the last real token
-    r = torch.zeros_like(mask)
-    r[torch.arange(len(score)), last] = score.to(r.dtype)
-    if beta > 0:
-        r = r - beta * (logp - ref_logp) * mask
-    return r
-
-
-def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
-    """Generalised advantage estimation over right-padded token sequences ([B, L] each).
-        delta_t = r_t + gamma * V_{t+1} - V_t          (V after the last real token is 0)
-        A_t     = delta_t + gamma * lam * A_{t+1}
-        returns = A + V
-    Padding positions get A = 0 and returns 0 and do not leak into real tokens. On real tokens this is verl's
-    compute_gae_advantage_return; verl's returns on padding are V, and it whitens A inside (here
-    masked_whiten, a separate step the caller chooses)."""
-    B, L = rewards.shape
-    adv = torch.zeros_like(rewards)
-    next_v, next_a = torch.zeros(B, device=rewards.device), torch.zeros(B, device=rewards.device)
-    for t in reversed(range(L)):
-        m = mask[:, t]
-        delta = rewards[:, t] + gamma * next_v - values[:, t]
-        a = delta + gamma * lam * next_a
-        adv[:, t] = a * m
-        next_v = torch.where(m > 0, values[:, t], next_v)  # padding carries nothing backwards
-        next_a = torch.where(m > 0, a, next_a)
-    return adv, (adv + values) * mask
-
-
-# -------------------- Critics --------------------------------------------------------------------
-
-
-class ValueModel(torch.nn.Module):
-    """A language model's decoder + a scalar head: V(s_t) for every position. Ours: the head starts at zero,
-    so the first values are 0 and the first step moves only the head (a zero head passes no gradient to the
-    decoder); verl's critic is a token-classification head with transformers' default random init, DVPO's
-    code uses TRL's value-head model."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.backbone = lm.get_decoder()
-        self.config = lm.config
-        self.head = torch.nn.Linear(lm.config.hidden_size, 1, dtype=next(lm.parameters()).dtype,
-                                    device=next(lm.parameters()).device)
-        torch.nn.init.zeros_(self.head.weight), torch.nn.init.zeros_(self.head.bias)
-
-    def forward(self, batch: dict):
-        """Values of the states before each response token and after the last: [B, L]."""
-        h = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          position_ids=batch["position_ids"]).last_hidden_state
-        P, L = batch["prompt_len"], batch["response_ids"].shape[1]
-        return self.head(h[:, P - 1:P + L - 1]).squeeze(-1).float()
-
-
-def critic_values(critic, batch, micro: int) -> torch.Tensor:
-    """V(s_t) for every response token, no gradient: [B, L]."""
-    with torch.no_grad():
-        B = batch["response_ids"].shape[0]
-        return torch.cat([critic(slice_batch(batch, slice(s, s + micro))) for s in range(0, B, micro)])
-
-
 # -------------------- The policy update (shared by every method; the method supplies the advantages) 
 
 
@@ -887,7 +845,7 @@ def update_mode(model, checkpointing: bool, autocast: str = "off"):
     too: ours have none) and back in eval mode for sampling, whose KV cache checkpointing would switch off.
     autocast "bf16": matmuls in bfloat16, weights, gradients and optimizer state stay float32 (mixed precision);
     the lm head and log-softmax stay float32 (_chunk_logp). About 2x faster updates on a CPU with AVX512-BF16."""
-    lm = getattr(model, "backbone", model)  # a ValueModel checkpoints its decoder
+    lm = getattr(model, "backbone", model)  # ppo.ValueModel checkpoints its decoder
     dev = next(model.parameters()).device.type
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast == "bf16"):
         if not checkpointing:
@@ -903,8 +861,8 @@ def update_mode(model, checkpointing: bool, autocast: str = "off"):
 
 
 def adamw(params, lr: float, weight_decay: float = 0.0):
-    """AdamW with PyTorch's fused kernel: one pass over all parameters instead of a Python loop over tensors
-    (135M parameters on 2 cores: 0.07 s a step instead of 0.47 s). Same algorithm, same state_dict."""
+    """AdamW with PyTorch's fused kernel: one pass over all parameters instead of a Python loop over tensors.
+    Same algorithm, same state_dict."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
@@ -946,12 +904,17 @@ def minibatch_update(optimizer, mask, args, loss_fn, agg: str = "token-mean", sk
     return {**{k: float(np.mean(v)) for k, v in stats.items()}, "nan_skips": skips}
 
 
-def policy_update(policy, optimizer, batch: dict, adv, args, old_logp=None, ref_logp=None,
-                  skip_zero_adv: bool = True) -> dict:
+def rows_without_signal(adv, ref_logp=None):
+    """[B] bool, the rows of adv [B, L] that add exactly 0 to the loss and its gradient: all their advantages are
+    0 and there is no KL term. They need no forward/backward (they still count in the loss's normaliser);
+    None when every row counts."""
+    return None if ref_logp is not None else ~(adv != 0).any(-1)
+
+
+def policy_update(policy, optimizer, batch: dict, adv, args, old_logp=None, ref_logp=None) -> dict:
     """Clipped-surrogate update of the policy on per-token advantages adv [B, L] (see minibatch_update).
     logp_old: given, or computed once up front when there is more than one optimizer step per batch.
-    skip_zero_adv: rows whose advantages are all 0 (and no KL) add exactly 0, so they get no forward/backward;
-    a benchmark turns this off to do the same work as a trainer that does not skip them."""
+    Rows that add exactly 0 (rows_without_signal) get no forward/backward."""
     B, mask = adv.shape[0], batch["response_mask"]
 
     def loss_fn(r):
@@ -965,46 +928,11 @@ def policy_update(policy, optimizer, batch: dict, adv, args, old_logp=None, ref_
         m = mbatch["response_mask"]
         return loss, {**st, "entropy": masked_mean(fw["entropy"].detach(), m).item(),
                       "logp_diff": masked_mean((fw["logp"].detach() - mbatch["sampler_logp"]).abs(), m).item()}
-    # without KL, a row whose advantages are all 0 adds exactly 0: no forward/backward needed
-    skip = None if ref_logp is not None or not skip_zero_adv else ~(adv != 0).any(-1)
+    skip = rows_without_signal(adv, ref_logp)
     with update_mode(policy, args.grad_checkpointing, args.autocast):
         if old_logp is None and (args.epochs > 1 or 0 < args.minibatch_size < B):  # off-policy after the 1st step
             old_logp = logprobs_no_grad(policy, batch, args.temperature, args.logp_chunk, args.micro_batch_size)
         return minibatch_update(optimizer, mask, args, loss_fn, args.loss_agg, skip)
-
-
-def value_loss(v, v_old, returns, mask, clip: float = 0.2):
-    """Clipped value loss (PPO, as in verl / OpenAI's RLHF code), masked token mean:
-        0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2);   c <= 0: 0.5 * (V - R)^2
-    Equal to verl's compute_value_loss (token-mean) for c > 0; there c = 0 would keep the max with
-    (V_old - R)^2, here it means no clipping."""
-    loss = (v - returns) ** 2
-    if clip > 0:
-        loss = torch.maximum(loss, (v_old + (v - v_old).clamp(-clip, clip) - returns) ** 2)
-    return 0.5 * masked_mean(loss, mask)
-
-
-def value_update(critic, optimizer, batch: dict, returns, old_values, args, clip: float = 0.2) -> dict:
-    """Regress the critic's V(s_t) [B, L] onto `returns` (see minibatch_update, value_loss)."""
-    mask = batch["response_mask"]
-
-    def loss_fn(r):
-        loss = value_loss(critic(slice_batch(batch, r)), old_values[r], returns[r], mask[r], clip)
-        return loss, {"value_loss": loss.item()}
-    with update_mode(critic, args.grad_checkpointing, args.autocast):
-        st = minibatch_update(optimizer, mask, args, loss_fn, "token-mean")
-    return {"value_loss": st.get("value_loss", float("nan")), "critic_grad_norm": st.get("grad_norm", float("nan")),
-            "critic_nan_skips": st["nan_skips"]}
-
-
-def explained_variance(values, returns, mask) -> float:
-    """1 - Var(R - V) / Var(R) over real tokens: 1 is a perfect critic, 0 no better than a constant.
-    NaN when the returns are constant; verl's vf_explained_var adds 1e-5 to Var(R) instead (its ddof 1 in
-    both variances cancels)."""
-    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-    err = returns - values
-    var_e = masked_mean((err - masked_mean(err, mask)) ** 2, mask)
-    return float(1 - var_e / var_r) if var_r > 0 else float("nan")
 
 
 # -------------------- Evaluation, logging, checkpoints -------------------------------------------
@@ -1013,10 +941,10 @@ def explained_variance(values, returns, mask) -> float:
 def success_rates(sampler, tok, problems: list[Problem], k: int, max_new_tokens: int, temperature: float,
                   seed: int) -> np.ndarray:
     """Monte-Carlo estimate of each prompt's success rate p(x) from k fresh rollouts (the 'oracle')."""
-    roll = sampler.generate([build_prompt(tok, p) for p in problems], k, max_new_tokens, temperature, seed=seed)
-    r, _ = score([x.text for x in roll], [problems[x.prompt_idx].answer for x in roll])
+    rollouts = sampler.generate([build_prompt(tok, p) for p in problems], k, max_new_tokens, temperature, seed=seed)
+    r, _ = score([x.text for x in rollouts], [problems[x.prompt_idx].answer for x in rollouts])
     hits = np.zeros(len(problems))
-    np.add.at(hits, [x.prompt_idx for x in roll], r)
+    np.add.at(hits, [x.prompt_idx for x in rollouts], r)
     return hits / k
 
 
@@ -1042,6 +970,17 @@ def peak_mem_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB; process peak RSS
+
+
+def batch_metrics(group_rewards, rollout_adv: torch.Tensor, lengths: torch.Tensor, no_answer: int) -> dict:
+    """The batch metrics every method logs, with one meaning each (README: Metrics).
+    group_rewards: each prompt's rollout rewards (groups may differ in size); rollout_adv: [B] one advantage a
+    rollout (a per-token method passes each rollout's mean over its real tokens); lengths: [B] response tokens."""
+    flat = [float(min(g) == max(g)) for g in group_rewards if len(g) > 1]  # a group of one has no spread
+    return {"adv_std": rollout_adv.std().item() if rollout_adv.numel() > 1 else 0.0,
+            "frac_reward_zero_std": float(np.mean(flat)) if flat else None,
+            "rollouts": len(lengths), "tokens": int(lengths.sum()),
+            "resp_len": lengths.float().mean().item() if len(lengths) else 0.0, "no_answer": no_answer}
 
 
 METRICS = ["reward", "acc", "adv_std", "frac_reward_zero_std", "rollouts", "tokens", "grad_norm", "entropy", "clip_frac",
@@ -1075,6 +1014,19 @@ class RunLogger:
         shown = " ".join(f"{k}={row[k]:.3g}" if isinstance(row[k], float) else f"{k}={row[k]}"
                          for k in self.CONSOLE if row.get(k) is not None)
         tqdm.write(f"step {step:4d} {shown}")
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """`with atomic_file(p) as tmp: write tmp`: the file appears at p whole when the block ends, never half-written
+    (a crash leaves the old p or none); an error inside the block leaves p as it was."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _save_tokenizer(source: str, folder: Path):
@@ -1126,20 +1078,10 @@ def load_checkpoint(out: str, parts: dict) -> dict:
             raise SystemExit(f"--resume: {folder / name} does not match the model ({missing[:3]} {unexpected[:3]})")
         if opt is not None:
             opt.load_state_dict(state["optimizers"][name])
-    random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     return state
-
-
-def bench_line(metrics_path) -> str:
-    """A benchmark's summary of a run's metrics.jsonl: medians over the steps after the first (warm-up).
-    'bench median_s_per_step=<x> gen=<y> train=<z> peak_mem_gb=<m>'"""
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
-    steps = [r for r in rows if r.get("time_step") is not None]
-    steady = steps[1:] or steps
-    med = lambda k: float(np.median([r[k] or 0.0 for r in steady]))  # noqa: E731
-    return (f"bench median_s_per_step={med('time_step'):.2f} gen={med('time_gen'):.2f} train={med('time_train'):.2f} "
-            f"peak_mem_gb={max(r['peak_mem_gb'] for r in steps):.2f}")
 
 
 class Timer:

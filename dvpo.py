@@ -6,58 +6,48 @@ Paper
   Code: microsoft/DKI_LLM, folder dvpo ("official" below: recipe values read from that code).
 
 What the method is
-  PPO trains a critic as large as the policy on every batch (ppo.py). DVPO trains a token-level value model
-  once, the global value model (GVM), then keeps it frozen: the policy phase has no critic forward-backward,
-  no critic optimizer state, and no reward model.
-  Stage 1, `python dvpo.py pretrain`: the GVM (common.ValueModel: an LM + a zero-initialised scalar head)
-  regresses onto TD(lambda) returns bootstrapped on its own predictions, the sequence's score r on its last
-  token (+1 chosen / -1 rejected for preference pairs; the verifier's 0/1 for rollouts):
+  PPO trains a critic as large as the policy on every batch (ppo.py); DVPO trains a token-level global value model
+  (GVM) once, then keeps it frozen: no critic forward-backward, critic optimizer state or reward model in stage 2.
+  Stage 1, `python dvpo.py pretrain`: the GVM (ppo.ValueModel: an LM + a zero-initialised scalar head) regresses
+  onto TD(lambda) returns bootstrapped on its own predictions, the sequence's score r on its last token (+1 chosen
+  / -1 rejected for preference pairs; the verifier's 0/1 for rollouts):
       delta_t = r_t + gamma V(s_{t+1}) - V(s_t)                   (V after the last token is 0)
       G_t     = V(s_t) + sum_l (gamma lambda)^l delta_{t+l}       gamma 1, lambda 0.95
       L       = 0.5 masked mean_t (V(s_t) - G_t)^2                (G from the values before the batch's first step)
-  Stage 2, `python dvpo.py train --gvm DIR` (official): PPO with the frozen GVM's values for a critic's:
+  Stage 2, `python dvpo.py train --gvm DIR`: PPO with the frozen GVM's values for a critic's, in two settings
+  (--variant). paper, the official policy phase:
       V_t  <- whiten(V_GVM(s_t)), each row over all its positions, prompt and response
       r_t   = -beta (log pi(y_t) - log pi_ref(y_t))               (the KL penalty is the only reward)
       A_t   = GAE(r, V; gamma 1, lambda 0.95), whitened over the batch; clipped surrogate (eps 0.2), 4 epochs
       beta adaptive (Ziegler et al. 2019): from 0.2 towards a summed KL of 6 per response
   With gamma = lambda = 1 and no reward, A_t telescopes to -V_t: the task signal lives in lambda < 1,
   A_t = (1 - lambda) sum_{m>=1} lambda^(m-1) V_{t+m} - V_t, i.e. tokens after which the value rises.
+  rlvr (the default, ours): the verifier's r in {0, 1} added on the last token, the GVM's values raw (the 0/1 scale
+  they were trained on), no KL, lambda 1. With a terminal reward only,
+      A_t = lambda^(T-1-t) (r - V_t) + (1 - lambda) sum_{m=1}^{T-1-t} lambda^(m-1) (V_{t+m} - V_t):
+  r reaches token t with weight lambda^(T-1-t) (0.95: 0.09 at token 0 of 48, 4e-12 of 512), the rest is the GVM's
+  own value changes, biased by its errors. lambda = 1 leaves A_t = r - V_t: the GVM is a baseline whose errors cost
+  variance, never bias, which suits a weak GVM. Our reward is exact and free; the paper's setting has none.
 
 Equation -> function
-  G_t ........................ td_lambda_targets     stage 1 loss and step .... gvm_update (common.value_loss)
+  G_t ........................ td_lambda_targets     stage 1 loss and step .... gvm_update (ppo.value_loss)
   r_t, both settings ......... dvpo_rewards          V_GVM, whitened .......... gvm_all_values, response_values
   GAE, whitened A ............ dvpo_advantages       beta ..................... adaptive_kl
 
-The two settings of stage 2 (--variant)
-  paper  the official policy phase above.
-  rlvr   (default, ours) the verifier's reward r in {0, 1} on the last token, the GVM's values raw (the 0/1
-         scale they were trained on), no KL, lambda 1. With a terminal reward only,
-             A_t = lambda^(T-1-t) (r - V_t) + (1 - lambda) sum_{m=1}^{T-1-t} lambda^(m-1) (V_{t+m} - V_t):
-         r reaches token t with weight lambda^(T-1-t) (0.95: 0.09 at token 0 of 48, 4e-12 of 512), the rest is
-         the GVM's own value changes, biased by its errors. lambda = 1 leaves A_t = r - V_t: the GVM is a
-         baseline whose errors cost variance, never bias, which suits a GVM as weak as a CPU-sized one (see the
-         README). Our reward is exact and free; the paper's setting has none (the GVM replaced the reward model).
-
-Choices that are ours, not the paper's
-  - Stage 1 data: the policy's rollouts scored by the verifier (RLVR), --collect-n each on --collect-problems
-    problems drawn with another seed than stage 2's; preference pairs (--pairs, as official) can be added or
-    used alone (--pair-scores: mixing 0/1 rollouts with +-1 pairs sets the GVM's scale). Every row is read
-    behind the chat prompt the policy sees (official stage 1: the raw question), rollouts with their sampled
-    ids, so the GVM reads what stage 2 shows it; a pair's texts are tokenised and end with eos.
-  - The GVM starts from the policy's weights (or --gvm-model, same tokenizer); --gvm-holdout of the prompts
-    stay out of stage 1 and measure it (V(s_0) against the outcome).
-  - --whiten-values leaves padding out (official: each forward micro-batch, 1 row in its run, unmasked, so a
-    row's left padding to the batch's longest row counts, with values set by the other rows and the kernel).
+Choices that are ours, not the paper's [official, where it differs]
+  - Stage 1 data: the policy's rollouts scored by the verifier (RLVR), on problems drawn with another seed than
+    stage 2's; preference pairs (--pairs, as official) can be added or used alone (--pair-scores: mixed with 0/1
+    rollouts, +-1 pairs set the GVM's scale). Every row is read behind the chat prompt the policy sees [the raw
+    question], rollouts with their sampled ids, so the GVM reads what stage 2 shows it.
+  - The GVM starts from the policy's weights (or --gvm-model); --gvm-holdout of the prompts measure it.
+  - --whiten-values leaves padding out [each forward micro-batch, 1 row in its run, unmasked, so a row's left
+    padding to the batch's longest row counts, with values set by the other rows and the kernel].
   - explained_variance in stage 2: the raw GVM values against each token's realised return (the outcome).
-  - Recipe at CPU scale [official]. GVM: full fine-tuning, AdamW --gvm-lr 5e-5 constant, batches of 16, one
-    step each [LoRA r 8, Adafactor 1.41e-5 decaying linearly, batches of 32, 2 passes of one-row steps:
-    --gvm-batch 32 --gvm-minibatch 1 --gvm-batch-epochs 2]; one step per batch takes G from the detached
-    values of the forward the loss differentiates (the same G, one forward fewer). Policy: full fine-tuning,
-    AdamW --lr, one step per batch [LoRA r 16, Adafactor 2e-6 decaying linearly, --epochs 4]; gradients
-    clipped at 1 [not]; a fixed --max-new-tokens [drawn from 32..639 per batch]; no mini-batch skipped [when
-    its mean ratio > 10]. Why: peft is no dependency and LoRA saves memory 135M does not need; AdamW and one step
-    per batch are every method's here, so runs compare; it fits 2 cores (default: stage 1 on 80 problems x 4
-    rollouts, one pass; stage 2 on 16 prompts x 1 rollout, 16 steps).
+  - Recipe at CPU scale: full fine-tuning, AdamW at a constant --gvm-lr and --lr [LoRA r 8 and r 16, Adafactor 1.41e-5
+    and 2e-6 decaying linearly]; GVM batches of 16, one step each [32, 2 passes of one-row steps: see --help]; the
+    policy one step per batch [--epochs 4], gradients clipped at 1 [not], a fixed --max-new-tokens [drawn from 32..639
+    per batch], no mini-batch skipped [when its mean ratio > 10]. Why: peft is no dependency and LoRA saves memory 135M
+    does not need; AdamW and one step per batch are every method's here, so runs compare; the defaults fit 2 cores.
 """
 from __future__ import annotations
 
@@ -65,9 +55,7 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +66,7 @@ import torch
 from scipy import stats
 
 import common as C
+import ppo
 from common import arg
 
 VARIANTS = {  # --variant presets: each sets every field below whose default is None; explicit values win
@@ -89,27 +78,25 @@ VARIANTS = {  # --variant presets: each sets every field below whose default is 
 @dataclass
 class Args(C.TrainArgs):
     """DVPO: pretrain a global value model (GVM) on scored sequences, then PPO against it frozen."""
+    out: str = arg("runs/dvpo", "run folder: metrics.jsonl, checkpoints")
     PRESETS: ClassVar[dict] = {"variant": VARIANTS}
     # stage 2: the policy
     steps: int = arg(16, "stage 2: policy updates (each on a fresh batch of rollouts)")
     prompts_per_step: int = arg(16, "stage 2: prompts per step")
     group_size: int = arg(1, "stage 2: rollouts per prompt (DVPO needs no groups)")
-    variant: str = arg("rlvr", "stage 2 preset: rlvr (ours: terminal reward, raw values, lambda 1) or paper (official: "
-                       "KL reward only, row-whitened values, adaptive beta, lambda 0.95)", choices=list(VARIANTS))
+    variant: str = arg("rlvr", "stage 2 preset of --whiten-values, --kl-coef, --kl-target, --lam (explicit values "
+                       "win): rlvr (ours: terminal reward, raw values, lambda 1) or paper (official: KL reward only, "
+                       "row-whitened values, adaptive beta, lambda 0.95)", choices=list(VARIANTS))
     gvm: str = arg("", "stage 2: the GVM folder that `dvpo.py pretrain --out DIR` wrote (with no subcommand: OUT/gvm)")
-    whiten_values: bool | None = arg(None, "stage 2: whiten the GVM's values, each row over its prompt and response "
-                                     "positions (official); default: set by --variant")
-    kl_coef: float | None = arg(None, "stage 2: beta of the KL reward (the start when --kl-target > 0); default: "
-                                "set by --variant")
-    kl_target: float | None = arg(None, "stage 2: adaptive beta's target, the mean summed KL per response (0: beta "
-                                  "fixed); default: set by --variant")
+    whiten_values: bool | None = arg(None, "stage 2: whiten the GVM's values per row over all its positions (official)")
+    kl_coef: float | None = arg(None, "stage 2: beta of the KL reward (its start when --kl-target > 0)")
+    kl_target: float | None = arg(None, "stage 2: adaptive beta's target mean summed KL per response (0: beta fixed)")
     gamma: float = arg(1.0, "discount gamma (both stages)")
-    lam: float | None = arg(None, "stage 2: GAE lambda; default: set by --variant")
+    lam: float | None = arg(None, "stage 2: GAE lambda")
     whiten_adv: bool = arg(True, "whiten advantages over the batch's real tokens")
     # stage 1: the GVM
     gvm_model: str = arg("", "GVM backbone: '' starts it from the policy (--model); or a model with its tokenizer")
-    rollouts: str = arg("", "stage 1 data: a .jsonl of {prompt, response, score} rows to reuse ('' collects them "
-                        "from the policy into OUT/rollouts.jsonl)")
+    rollouts: str = arg("", "stage 1: {prompt, response, score} rows to reuse (.jsonl; '': collect OUT/rollouts.jsonl)")
     collect_problems: int = arg(80, "stage 1: problems of --data to collect rollouts on")
     collect_n: int = arg(4, "stage 1: rollouts per problem")
     pairs: str = arg("", "stage 1: preference pairs, a .jsonl of {prompt, chosen, rejected} rows (optional)")
@@ -140,29 +127,23 @@ class Args(C.TrainArgs):
             raise ValueError(f"--pair-scores must be two numbers 'chosen,rejected', got {self.pair_scores!r}") from None
 
 
-# ------------------------------------------------------------------------------------------------
-# The math: targets, rewards, values, advantages (pure functions on [B, L] tensors)
-# ------------------------------------------------------------------------------------------------
+# -------------------- The math: targets, rewards, values, advantages (pure functions on [B, L] tensors)
 
 
 def td_lambda_targets(score, values, mask, gamma: float = 1.0, lam: float = 0.95) -> torch.Tensor:
-    """Stage 1 targets G_t [B, L] (the lambda-return): score [B] on each sequence's last real token, values [B, L]
-    the GVM's own V(s_t):  delta_t = r_t + gamma V_{t+1} - V_t,  G_t = V_t + sum_l (gamma lambda)^l delta_{t+l}."""
-    _, returns = C.gae(C.token_rewards(score, mask), values, mask, gamma, lam)
-    return returns
+    """Stage 1's G_t [B, L], the lambda-return: score [B] on each last real token, values [B, L] the GVM's V(s_t)."""
+    return ppo.gae(ppo.token_rewards(score, mask), values, mask, gamma, lam)[1]
 
 
 def realised_returns(score, mask, gamma: float = 1.0) -> torch.Tensor:
     """The outcome's return-to-go [B, L]: gamma^(T-1-t) * score (with gamma = 1: the score on every token)."""
-    return C.gae(C.token_rewards(score, mask), torch.zeros_like(mask), mask, gamma, 1.0)[1]
+    return ppo.gae(ppo.token_rewards(score, mask), torch.zeros_like(mask), mask, gamma, 1.0)[1]
 
 
 def dvpo_rewards(score, mask, variant: str, logp=None, ref_logp=None, beta: float = 0.0) -> torch.Tensor:
-    """Stage 2 per-token rewards [B, L].
-        paper: r_t = -beta (log pi - log pi_ref)                      (no task reward: the GVM carries it)
-        rlvr:  r_t = -beta (log pi - log pi_ref) + [t = T-1] * score   (ours: plus the verifier's outcome)"""
+    """Stage 2's r_t [B, L]: -beta (log pi - log pi_ref) on every real token; rlvr (ours) adds the score on the last."""
     task = score if variant == "rlvr" else torch.zeros_like(score)
-    return C.token_rewards(task, mask, logp, ref_logp, beta)
+    return ppo.token_rewards(task, mask, logp, ref_logp, beta)
 
 
 def whiten_rows(x, attn, eps: float = 1e-8) -> torch.Tensor:
@@ -175,17 +156,15 @@ def whiten_rows(x, attn, eps: float = 1e-8) -> torch.Tensor:
 
 
 def response_values(v_all, batch: dict, whiten: bool = False) -> torch.Tensor:
-    """The GVM's values at every position [B, P+L] -> V(s_t) [B, L] for the states before each response token;
-    whiten (official): each row over all its positions first (prompt, response, the state after the last token)."""
+    """V_GVM at every position [B, P+L] -> V(s_t) [B, L] before each response token; whiten: rows first (official)."""
     P, L = batch["prompt_len"], batch["response_ids"].shape[1]
     v_all = whiten_rows(v_all, batch["attention_mask"]) if whiten else v_all
     return v_all[:, P - 1:P + L - 1] * batch["response_mask"]
 
 
 def dvpo_advantages(values, rewards, mask, gamma: float = 1.0, lam: float = 0.95, whiten_adv: bool = True):
-    """values [B, L] from the frozen GVM (see response_values), rewards [B, L] -> advantages [B, L]:
-    A = GAE(r, V; gamma, lambda), A <- whiten(A) over the batch's real tokens (optional)."""
-    adv, _ = C.gae(rewards, values, mask, gamma, lam)
+    """A [B, L] = GAE(r, V; gamma, lambda) on the GVM's values V [B, L], whitened over real tokens if whiten_adv."""
+    adv, _ = ppo.gae(rewards, values, mask, gamma, lam)
     return C.masked_whiten(adv, mask) if whiten_adv else adv
 
 
@@ -195,19 +174,17 @@ def adaptive_kl(beta: float, kl: float, n: int, target: float, horizon: float = 
     return beta * (1 + float(np.clip(kl / target - 1, -0.2, 0.2)) * n / horizon)
 
 
-# ------------------------------------------------------------------------------------------------
-# Stage 1 data: scored sequences from rollouts or preference pairs
-# ------------------------------------------------------------------------------------------------
+# -------------------- Stage 1: scored sequences, the GVM's update and report, pretrain ------------
 
 
 def collect_rows(sampler, tok, problems: list[C.Problem], n: int, max_new_tokens: int, temperature: float,
                  seed: int) -> list[dict]:
     """n rollouts of each problem, scored by the verifier: rows {prompt, response, response_ids, score, finish}."""
-    roll = sampler.generate([C.build_prompt(tok, p) for p in problems], n, max_new_tokens, temperature, seed=seed,
+    rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], n, max_new_tokens, temperature, seed=seed,
                             desc="collect")
-    correct, _ = C.score([r.text for r in roll], [problems[r.prompt_idx].answer for r in roll])
+    correct, _ = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
     return [{"prompt": problems[r.prompt_idx].question, "response": r.text, "response_ids": r.ids, "score": s,
-             "finish": r.finish, "answer": problems[r.prompt_idx].answer} for r, s in zip(roll, correct)]
+             "finish": r.finish, "answer": problems[r.prompt_idx].answer} for r, s in zip(rollouts, correct)]
 
 
 def read_scored(path) -> list[dict]:
@@ -258,50 +235,45 @@ def split_by_prompt(rows: list[dict], share: float, seed: int) -> tuple[list[int
     prompts = sorted({r["prompt"] for r in rows})
     random.Random(seed).shuffle(prompts)
     held = set(prompts[:round(share * len(prompts))])
-    return [i for i, r in enumerate(rows) if r["prompt"] not in held], [i for i, r in enumerate(rows) if r["prompt"] in held]
+    train = [i for i, r in enumerate(rows) if r["prompt"] not in held]
+    return train, [i for i, r in enumerate(rows) if r["prompt"] in held]
 
 
 def gvm_report(gvm, seqs: list[C.Rollout], scores: torch.Tensor, const: float, args, pad_id: int, dev) -> dict:
-    """The GVM on rows it was not trained on: V(s_0) (before the first response token) against the outcome,
-    next to a constant (the training rows' mean score), and token-level explained variance."""
+    """The GVM on held-out rows: V(s_0) against the outcome, next to a constant (the training mean score), and
+    token-level explained variance."""
     if not seqs:
         return {}
     batch = C.collate(seqs, pad_id, dev)
     mask = batch["response_mask"]
-    values = C.critic_values(gvm, batch, args.micro_batch_size)  # [N, L]
+    values = ppo.critic_values(gvm, batch, args.micro_batch_size)  # [N, L]
     s0, y = values[:, 0].cpu().numpy(), scores.numpy()
     label = y > (y.max() + y.min()) / 2
     auc = (stats.mannwhitneyu(s0[label], s0[~label]).statistic / (label.sum() * (~label).sum())
            if 0 < label.sum() < len(y) else float("nan"))
-    return {"gvm_heldout_mse": float(np.mean((s0 - y) ** 2)), "gvm_heldout_const_mse": float(np.mean((const - y) ** 2)),
-            "gvm_heldout_auc": float(auc),
-            "gvm_heldout_ev": C.explained_variance(values, realised_returns(scores.to(dev), mask, args.gamma), mask)}
+    return {"gvm_heldout_mse": float(np.mean((s0 - y) ** 2)),
+            "gvm_heldout_const_mse": float(np.mean((const - y) ** 2)), "gvm_heldout_auc": float(auc),
+            "gvm_heldout_ev": ppo.explained_variance(values, realised_returns(scores.to(dev), mask, args.gamma), mask)}
 
 
 def gvm_update(gvm, optimizer, batch: dict, score, args) -> dict:
-    """One batch of stage 1 (score [B]): targets G_t [B, L] from the GVM's values before the batch's first step,
-    held fixed, then args.epochs passes of steps on args.minibatch_size rows, each on 0.5 masked mean (V - G)^2.
+    """One batch of stage 1 (score [B]): G_t [B, L] held fixed, args.epochs passes of args.minibatch_size-row steps.
     One step per batch: G from the detached values of the forward the loss differentiates (one forward fewer)."""
     mask, score = batch["response_mask"], score.to(batch["response_mask"].device)
     one_step = args.epochs == 1 and args.minibatch_size in (0, len(mask))
-    G = None if one_step else td_lambda_targets(score, C.critic_values(gvm, batch, args.micro_batch_size), mask,
+    G = None if one_step else td_lambda_targets(score, ppo.critic_values(gvm, batch, args.micro_batch_size), mask,
                                                 args.gamma, args.gvm_lam)  # [B, L], no gradient
 
     def loss_fn(r):
         v = gvm(C.slice_batch(batch, r))  # [b, L]
         g = td_lambda_targets(score[r], v.detach(), mask[r], args.gamma, args.gvm_lam) if G is None else G[r]
-        loss = C.value_loss(v, v.detach(), g, mask[r], clip=0.0)
-        return loss, {"value_loss": loss.item(), "explained_variance": C.explained_variance(v.detach(), g, mask[r]),
+        loss = ppo.value_loss(v, v.detach(), g, mask[r], clip=0.0)
+        return loss, {"value_loss": loss.item(), "explained_variance": ppo.explained_variance(v.detach(), g, mask[r]),
                       "value_mean": C.masked_mean(v.detach(), mask[r]).item()}
     with C.update_mode(gvm, args.grad_checkpointing, args.autocast):
         st = C.minibatch_update(optimizer, mask, args, loss_fn, "token-mean")
     return {k: st.get(k, float("nan")) for k in ("value_loss", "explained_variance", "value_mean", "grad_norm",
                                                    "nan_skips")}
-
-
-# ------------------------------------------------------------------------------------------------
-# Stage 1: pretrain the GVM
-# ------------------------------------------------------------------------------------------------
 
 
 def pretrain(args: Args) -> Path:
@@ -312,18 +284,16 @@ def pretrain(args: Args) -> Path:
     policy, tok, path = C.load_model(args.model, dev, dtype)
     rows_file = Path(args.rollouts) if args.rollouts else out / "rollouts.jsonl"
     if not args.rollouts and not (args.resume and rows_file.exists()):
-        problems = random.Random(args.seed + 1).sample(C.load_problems(args.data), args.collect_problems) \
-            if args.collect_problems > 0 else []
         rows = []
-        if problems:  # a different draw than stage 2's ProblemStream(seed): the GVM is meant to generalise
+        if args.collect_problems > 0:  # another draw than stage 2's ProblemStream(seed): the GVM is to generalise
+            problems = random.Random(args.seed + 1).sample(C.load_problems(args.data), args.collect_problems)
             sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
             rows = collect_rows(sampler, tok, problems, args.collect_n, args.max_new_tokens, args.temperature,
-                                seed=args.seed * 1_000_003 + 17)
+                                seed=C.rollout_seed(args.seed, 0, 17))
             del sampler
         out.mkdir(parents=True, exist_ok=True)
-        tmp = rows_file.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, rows_file)
+        with C.atomic_file(rows_file) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rows = [] if not args.rollouts and rows_file.stat().st_size == 0 else read_scored(rows_file)
     if args.pairs:
         chosen, rejected = (float(x) for x in args.pair_scores.split(","))
@@ -338,7 +308,7 @@ def pretrain(args: Args) -> Path:
         del policy
     else:
         lm, base = policy, args.model  # stage 1 never samples again: the policy's weights become the GVM's
-    gvm = C.ValueModel(lm)
+    gvm = ppo.ValueModel(lm)
     optimizer = C.adamw(gvm.parameters(), args.gvm_lr)
     eos = C.eos_ids(lm, tok)[0]
     seqs = [to_sequence(r, tok, eos) for r in rows]
@@ -351,9 +321,11 @@ def pretrain(args: Args) -> Path:
     if args.resume and (out / "ckpt" / "state.pt").exists():
         start = C.load_checkpoint(str(out), {"gvm": (gvm, optimizer)})["step"]
     logger = C.RunLogger(str(out), resume_step=start)
-    logger.CONSOLE = ["value_loss", "explained_variance", "gvm_heldout_mse", "gvm_heldout_const_mse", "gvm_heldout_auc"]
+    logger.CONSOLE = ["value_loss", "explained_variance", "gvm_heldout_mse", "gvm_heldout_const_mse",
+                      "gvm_heldout_auc"]
     per_batch = dataclasses.replace(args, epochs=args.gvm_batch_epochs, minibatch_size=args.gvm_minibatch)
-    report = lambda: gvm_report(gvm, [seqs[i] for i in held], scores[held], const, args, tok.pad_token_id, dev)  # noqa: E731
+    held_seqs = [seqs[i] for i in held]
+    report = lambda: gvm_report(gvm, held_seqs, scores[held], const, args, tok.pad_token_id, dev)  # noqa: E731
 
     if start == 0:
         logger.log(0, {"gvm_rows": len(train), "gvm_heldout_rows": len(held), **report()})
@@ -363,7 +335,8 @@ def pretrain(args: Args) -> Path:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 31 + epoch))
         idx = [train[j] for j in order[i * args.gvm_batch:(i + 1) * args.gvm_batch]]
         batch = C.collate([seqs[j] for j in idx], tok.pad_token_id, dev)
-        metrics = {"tokens": int(batch["response_mask"].sum()), **gvm_update(gvm, optimizer, batch, scores[idx], per_batch)}
+        metrics = {"tokens": int(batch["response_mask"].sum()),
+                   **gvm_update(gvm, optimizer, batch, scores[idx], per_batch)}
         if i == per_epoch - 1:  # end of a pass: measure on the held-out prompts
             metrics.update(report())
         metrics.update(time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
@@ -373,18 +346,15 @@ def pretrain(args: Args) -> Path:
     meta = {"base": str(Path(base).resolve()) if Path(base).exists() else base, "rows": len(rows),
             "train_rows": len(train), "heldout_rows": len(held), "gamma": args.gamma, "lam": args.gvm_lam,
             "data": str(rows_file), "pairs": args.pairs, "steps": total, "final": report()}
-    tmp = out / "gvm.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "gvm.json")  # written last: its presence means stage 1 finished
+    with C.atomic_file(out / "gvm.json") as tmp:  # written last: its presence means stage 1 finished
+        tmp.write_text(json.dumps(meta, indent=1))
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# Stage 2: PPO against the frozen GVM
-# ------------------------------------------------------------------------------------------------
+# -------------------- Stage 2: PPO against the frozen GVM -----------------------------------------
 
 
-def load_gvm(folder, tok, device, dtype) -> tuple[C.ValueModel, dict]:
+def load_gvm(folder, tok, device, dtype) -> tuple[ppo.ValueModel, dict]:
     """The GVM that `pretrain` wrote into `folder`, frozen: eval mode, no parameter requires a gradient."""
     from safetensors.torch import load_file
     folder = Path(folder)
@@ -394,15 +364,14 @@ def load_gvm(folder, tok, device, dtype) -> tuple[C.ValueModel, dict]:
     lm, gtok, _ = C.load_model(meta["base"], device, dtype)
     if gtok.get_vocab() != tok.get_vocab():
         raise SystemExit(f"--gvm {folder}: its backbone {meta['base']} has another tokenizer than the policy's")
-    gvm = C.ValueModel(lm)
+    gvm = ppo.ValueModel(lm)
     gvm.load_state_dict({k: v for f in sorted((folder / "ckpt" / "gvm").glob("*.safetensors"))
                          for k, v in load_file(f).items()})
     return gvm.eval().requires_grad_(False), meta
 
 
-def gvm_all_values(gvm: C.ValueModel, batch: dict, micro: int) -> torch.Tensor:
-    """V_GVM at every position of [prompt | response], no gradient: [B, P+L] (ValueModel.forward keeps the
-    response's states only; the official whitening also counts the prompt's)."""
+def gvm_all_values(gvm: ppo.ValueModel, batch: dict, micro: int) -> torch.Tensor:
+    """V_GVM at every position of [prompt | response], no gradient: [B, P+L] (the official whitening counts all)."""
     out = []
     with torch.no_grad():
         for s in range(0, batch["input_ids"].shape[0], micro):
@@ -439,12 +408,12 @@ def train(args: Args):
         timer, t0 = C.Timer(), time.perf_counter()
         # 1. problems -> rollouts -> verifiable rewards
         with timer("time_gen"):
-            probs = stream.take(P)
-            roll = sampler.generate([C.build_prompt(tok, p) for p in probs], G, args.max_new_tokens,
-                                    args.temperature, seed=args.seed * 1_000_003 + step * 101)
-            correct, no_answer = C.score([r.text for r in roll], [probs[r.prompt_idx].answer for r in roll])
+            problems = stream.take(P)
+            rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
+                                    args.temperature, seed=C.rollout_seed(args.seed, step))
+            correct, no_answer = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
         correct = torch.tensor(correct)  # [B], B = P * G, grouped by prompt
-        batch = C.collate(roll, tok.pad_token_id, dev)
+        batch = C.collate(rollouts, tok.pad_token_id, dev)
         mask = batch["response_mask"]
 
         with timer("time_train"):
@@ -460,7 +429,7 @@ def train(args: Args):
                                   args.lam, args.whiten_adv)
             realised = realised_returns(correct.to(dev), mask, args.gamma)
             metrics = {"reward": rewards.sum(-1).mean().item(), "acc": correct.mean().item(),
-                       "explained_variance": C.explained_variance(values, realised, mask),
+                       "explained_variance": ppo.explained_variance(values, realised, mask),
                        "gvm_value_mean": C.masked_mean(values, mask).item()}
 
             # 3. the policy update; the GVM takes no step (the KL is in the reward, so out of the loss)
@@ -469,18 +438,15 @@ def train(args: Args):
             if ref is not None:  # the KL the reward paid (k1 of the sampled tokens), not the loss's (0 here)
                 metrics.update(kl=C.masked_mean(old_logp - ref_logp, mask).item(), kl_coef=beta)
                 if args.kl_target > 0:  # the controller sees the mean summed KL per response
-                    beta = adaptive_kl(beta, ((old_logp - ref_logp) * mask).sum(-1).mean().item(), len(roll),
+                    beta = adaptive_kl(beta, ((old_logp - ref_logp) * mask).sum(-1).mean().item(), len(rollouts),
                                        args.kl_target)
 
-        flat = correct.view(P, G)
-        metrics.update(adv_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item(),
-                       frac_reward_zero_std=(flat.max(-1).values == flat.min(-1).values).float().mean().item()
-                       if G > 1 else None,
-                       rollouts=len(roll), tokens=int(mask.sum()), no_answer=no_answer,
-                       resp_len=mask.sum(-1).mean().item())
+        rollout_adv = C.masked_mean(adv, mask, -1)  # [B]: a rollout's mean token advantage
+        metrics.update(C.batch_metrics(correct.view(P, G).tolist(), rollout_adv, mask.sum(-1), no_answer),
+                       adv_token_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item())
         if args.oracle_k > 0:  # diagnostic only: the GVM's V(s_0) vs a Monte-Carlo p(x)
             v0 = values[:, 0].view(P, G).mean(-1).cpu().numpy()
-            metrics.update(C.oracle_baseline_mse(sampler, tok, probs, v0, args, seed=args.seed * 7_919 + step))
+            metrics.update(C.oracle_baseline_mse(sampler, tok, problems, v0, args, seed=C.second_seed(args.seed, step)))
 
         # 4. log, evaluate, checkpoint (the policy only: the GVM never changes)
         if step == args.steps or (args.eval_every and step % args.eval_every == 0):
@@ -504,8 +470,4 @@ def run_all(args: Args):
 COMMANDS = {"pretrain": pretrain, "train": train}
 
 if __name__ == "__main__":
-    cmd = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else None
-    if cmd is not None and cmd not in COMMANDS:
-        raise SystemExit(f"python dvpo.py [{'|'.join(COMMANDS)}] [flags]: unknown command {cmd!r}")
-    fn = COMMANDS.get(cmd, run_all)
-    fn(C.parse_args(Args, sys.argv[2:] if cmd else sys.argv[1:]))
+    C.run_command(COMMANDS, run_all, Args)

@@ -5,12 +5,12 @@ Paper
   Zhong, Wang, Zhao), arXiv 2604.10701; the method is Generative Actor-Critic (GenAC). No official code found.
 
 What the method is (the paper)
-  PPO's critic maps a state s_t = (x, y_<t) to a scalar in one forward pass. GenAC's critic is a language
-  model that keeps its LM head: prompted with the problem and the actor's partial response, it judges the
-  problem's difficulty and the progress or errors so far, and ends with an integer k in 0..10 for the chance
-  of success, read as the value v(s_t) = k / 10. In-Context Conditioning (ICC) instructs the critic to infer
-  the actor's capability from its partial response and gives it facts about the actor (its identity and model
-  size, a smoothed running average of its success rate), so one critic stays calibrated while the actor changes.
+  PPO's critic maps a state s_t = (x, y_<t) to a scalar in one forward pass. GenAC's critic is a language model
+  that keeps its LM head: prompted with the problem and the actor's partial response, it judges the problem's
+  difficulty and the progress or errors so far, and ends with an integer k in 0..10 for the chance of success,
+  read as the value v(s_t) = k / 10. In-Context Conditioning (ICC) instructs the critic to infer the actor's
+  capability from its partial response and gives it facts about the actor (its identity and model size, a
+  smoothed running average of its success rate), so one critic stays calibrated while the actor changes.
       1. SFT     (`genac.py sft`)      cross-entropy on reasoning traces (the paper's are an oracle model's)
       2. RL pre-training (`pretrain`) actor frozen; REINFORCE on the critic's own tokens with reward
                                        R_v = 1 - (r - v)^2  (r the rollout's verified outcome; 0 if malformed)
@@ -28,8 +28,7 @@ Third-party readings (PAPERS.md [3rd]), not the paper's
 Equation -> function
   the critic's prompt, with / without ICC ......... critic_prompt, icc_context
   k -> v = k / 10; R_v = 1 - (r - v)^2 ............ parse_value; critic_rewards
-  boundaries, segment GAE, to tokens .............. segment_bounds, segment_gae, segment_advantages,
-                                                    rollout_advantages (each rollout's own values)
+  boundaries, segment GAE, to tokens .............. segment_bounds, segment_gae, segment_advantages, rollout_advantages
   stage 1 targets ................................. monte_carlo_states, sft_trace (the rate in a template)
   querying the critic; REINFORCE on its tokens .... query_critic; critic_update (policy_update at ratio 1)
 
@@ -46,19 +45,15 @@ Choices that are ours, not the paper's
     the paper names none); for the CPU budget it trains on --critic-batch of the answers drawn at random.
   - The "final token" boundary is the state before the last response token, b = T-1; the state after it is
     terminal (value 0, reward r), so a critic that reads a finished answer acts as a verifier.
-  - The running success rate is an EMA of each batch's accuracy, ema <- a * ema + (1 - a) * acc
-    (a = --icc-ema); it travels with the critic's checkpoint into the next stage, and starts at 0.5 for a
-    critic that has none. Model size is counted from the actor's parameters.
-  - The sizes are for 2 CPU cores: stage 1 on 16 problems x 4 rollouts (one continuation a state), 3 steps of
-    stage 2, 12 of stage 3 (16 prompts x 1 rollout, --segment 24 of 48 tokens: three queries a rollout), 32-token
-    critic answers, 16 trained on per step.
+  - The running success rate is an EMA of each batch's accuracy (--icc-ema); it travels with the critic's checkpoint
+    into the next stage, and starts at 0.5 for a critic that has none. Model size is counted from the actor's
+    parameters. The defaults fit 2 CPU cores (--segment 24 of 48 tokens: three queries a rollout).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,12 +62,14 @@ import numpy as np
 import torch
 
 import common as C
+import ppo
 from common import arg
 
 
 @dataclass
 class Args(C.TrainArgs):
     """GenAC: PPO whose critic is a language model that reasons, then scores 0..10, with In-Context Conditioning."""
+    out: str = arg("runs/genac", "run folder: metrics.jsonl, checkpoints")
     steps: int = arg(12, "stage 3: policy updates")
     prompts_per_step: int = arg(16, "prompts per step (stages 2 and 3)")
     group_size: int = arg(1, "rollouts per prompt (GenAC needs no groups)")
@@ -108,16 +105,13 @@ class Args(C.TrainArgs):
             raise ValueError(f"--critic-temperature must be > 0 (it samples), got {self.critic_temperature}")
 
 
-# ------------------------------------------------------------------------------------------------
-# The critic's interface: prompt, parse, reward (pure functions)
-# ------------------------------------------------------------------------------------------------
+# -------------------- The critic's interface: prompt, parse, reward (pure functions) --------------
 
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)  # the third-party format around the paper's integer
 
 
 def icc_context(name: str, n_params: int, rate: float, left: int) -> str:
-    """The In-Context Conditioning line: the paper's instruction to infer the actor's capability from its
-    partial response, who the actor is, how often it succeeds lately, and (third-party) what budget is left."""
+    """The ICC line: the paper's instruction and facts about the actor, and (third-party) the tokens left to it."""
     size = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{round(n_params / 1e6)}M"
     return (f"Infer how capable the actor is from its response so far and these facts. The actor is {name} "
             f"({size} parameters). Its recent success rate is {round(100 * rate)}%. It has {left} tokens left.")
@@ -135,8 +129,7 @@ def critic_prompt(question: str, partial: str, icc: str | None) -> str:
 
 
 def parse_value(text: str) -> float | None:
-    """'... <answer>7</answer>' -> v = k / 10 = 0.7. None (unparsable) unless every tag holds the same integer
-    k in 0..10: no tag, '11', '-1', '4.5', tags that disagree. ' 4 ' and '07' read as 4 and 7."""
+    """'... <answer>7</answer>' -> v = k / 10 = 0.7; None (unparsable) unless every tag holds the same k in 0..10."""
     ks = {int(k) if re.fullmatch(r"[0-9]+", k := raw.strip()) and int(k) <= 10 else None
           for raw in ANSWER.findall(text)}  # None marks a tag that holds no integer 0..10
     return ks.pop() / 10 if len(ks) == 1 and None not in ks else None
@@ -155,9 +148,7 @@ def sft_trace(p: float, partial: str) -> str:
     return f"Difficulty: {difficulty} for this actor. Progress: {progress}. <answer>{round(10 * p)}</answer>"
 
 
-# ------------------------------------------------------------------------------------------------
-# Segment-level credit assignment (pure functions)
-# ------------------------------------------------------------------------------------------------
+# -------------------- Segment-level credit assignment (pure functions) ----------------------------
 
 
 def segment_bounds(T: int, segment: int) -> list[int]:
@@ -166,14 +157,11 @@ def segment_bounds(T: int, segment: int) -> list[int]:
 
 
 def segment_gae(values: list[float], r: float, gamma: float = 1.0, lam: float = 0.95) -> list[float]:
-    """V_0..V_{K-1} at the boundaries, terminal reward r -> A_0..A_{K-1}:
-    delta_k = [k = K-1] r + gamma V_{k+1} - V_k (V_K = 0),  A_k = delta_k + gamma lambda A_{k+1}."""
-    adv, nxt_v, nxt_a = [0.0] * len(values), 0.0, 0.0
-    for k in reversed(range(len(values))):
-        delta = (r if k == len(values) - 1 else 0.0) + gamma * nxt_v - values[k]
-        nxt_a = delta + gamma * lam * nxt_a
-        adv[k], nxt_v = nxt_a, values[k]
-    return adv
+    """V_0..V_{K-1} at the boundaries, terminal reward r -> A_0..A_{K-1}: ppo.gae with a segment as the step."""
+    v = torch.tensor([values], dtype=torch.float64)  # [1, K]; float64 as the values' Python floats
+    mask = torch.ones_like(v)
+    adv, _ = ppo.gae(ppo.token_rewards(torch.tensor([r], dtype=torch.float64), mask), v, mask, gamma, lam)
+    return adv[0].tolist()
 
 
 def segment_advantages(bounds: list[int], adv: list[float], T: int, L: int) -> torch.Tensor:
@@ -196,9 +184,7 @@ def rollout_advantages(values: torch.Tensor, bounds: list[list[int]], outcomes, 
                         for vs, b, y, T in zip(per_rollout(values, bounds), bounds, outcomes, lengths)])
 
 
-# ------------------------------------------------------------------------------------------------
-# Querying and training the critic
-# ------------------------------------------------------------------------------------------------
+# -------------------- Querying and training the critic --------------------------------------------
 
 
 @dataclass
@@ -219,21 +205,21 @@ def critic_inputs(tok, states: list[State], args, actor: tuple[str, int], ema: f
 
 def query_critic(sampler, tok, states: list[State], args, actor, ema: float, seed: int):
     """One critic sample per state -> (values [N] with the EMA where unparsable, parsed mask [N], rollouts)."""
-    roll = sampler.generate(critic_inputs(tok, states, args, actor, ema), 1, args.critic_max_tokens,
+    rollouts = sampler.generate(critic_inputs(tok, states, args, actor, ema), 1, args.critic_max_tokens,
                             args.critic_temperature, seed=seed)
-    parsed = [parse_value(r.text) for r in roll]
+    parsed = [parse_value(r.text) for r in rollouts]
     return (torch.tensor([ema if v is None else v for v in parsed]), torch.tensor([v is not None for v in parsed]),
-            roll)
+            rollouts)
 
 
-def critic_update(critic, optimizer, roll: list[C.Rollout], rewards: torch.Tensor, args, pad_id: int, dev,
+def critic_update(critic, optimizer, rollouts: list[C.Rollout], rewards: torch.Tensor, args, pad_id: int, dev,
                   seed: int) -> dict:
-    """REINFORCE on the critic's written tokens, grad = -(R_v - mean R_v) grad log pi_critic(answer), on
-    --critic-batch answers drawn at random (the mean is over all): common.policy_update at ratio 1 is exactly
-    that, its token mean the sum over each answer's tokens divided by the batch's token count."""
+    """REINFORCE on the critic's tokens, grad = -(R_v - mean R_v) grad log pi_critic(answer), on --critic-batch answers
+    drawn at random (the mean over all): common.policy_update at ratio 1, its token mean = token sum / batch tokens."""
     adv = rewards - rewards.mean()  # [N]
-    keep = torch.randperm(len(roll), generator=torch.Generator().manual_seed(seed))[:args.critic_batch or len(roll)]
-    batch = C.collate([roll[i] for i in keep], pad_id, dev)
+    order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(seed))
+    keep = order[:args.critic_batch or len(rollouts)]
+    batch = C.collate([rollouts[i] for i in keep], pad_id, dev)
     adv = adv[keep].to(dev)[:, None] * batch["response_mask"]  # [n, L]
     cargs = dataclasses.replace(args, temperature=args.critic_temperature, max_new_tokens=args.critic_max_tokens,
                                 epochs=1, minibatch_size=0, kl_coef=0.0, loss_agg="token-mean")
@@ -241,18 +227,19 @@ def critic_update(critic, optimizer, roll: list[C.Rollout], rewards: torch.Tenso
     return {"critic_grad_norm": st.get("grad_norm", float("nan")), "critic_nan_skips": st["nan_skips"]}
 
 
-def states_of(tok, probs: list[C.Problem], roll: list[C.Rollout], outcomes, args) -> tuple[list[State], list[list[int]]]:
+def states_of(tok, problems: list[C.Problem], rollouts: list[C.Rollout], outcomes,
+              args) -> tuple[list[State], list[list[int]]]:
     """Every rollout's boundary states, flat, and each rollout's boundaries."""
     states, bounds = [], []
-    for r, y in zip(roll, outcomes):
+    for r, y in zip(rollouts, outcomes):
         b = segment_bounds(len(r.ids), args.segment)
         bounds.append(b)
-        states += [State(probs[r.prompt_idx].question, tok.decode(r.ids[:t], skip_special_tokens=True),
+        states += [State(problems[r.prompt_idx].question, tok.decode(r.ids[:t], skip_special_tokens=True),
                          args.max_new_tokens - t, float(y)) for t in b]
     return states, bounds
 
 
-def monte_carlo_states(sampler, tok, probs: list[C.Problem], args) -> tuple[list[State], np.ndarray, float]:
+def monte_carlo_states(sampler, tok, problems: list[C.Problem], args) -> tuple[list[State], np.ndarray, float]:
     """Stage 1's states and their Monte-Carlo success rates p_MC, from the actor's own samples:
       the empty state of each problem ........ the mean of --sft-n rollouts
       a mid-response state of a rollout ...... the mean over the rollout and --sft-continuations fresh
@@ -260,38 +247,35 @@ def monte_carlo_states(sampler, tok, probs: list[C.Problem], args) -> tuple[list
       the final token's state ................ the rollout's own outcome (one token is left, nearly always eos)
     Also returns the rollouts' success rate: the running mean ICC shows in the traces."""
     n, m = args.sft_n, args.sft_continuations
-    roll = sampler.generate([C.build_prompt(tok, p) for p in probs], n, args.max_new_tokens, args.temperature,
-                            seed=args.seed * 1_000_003 + 11, desc="sft rollouts")
-    y, _ = C.score([r.text for r in roll], [probs[r.prompt_idx].answer for r in roll])
-    p_empty = np.bincount([r.prompt_idx for r in roll], weights=y, minlength=len(probs)) / n
-    later = [(r, t, yi) for r, yi in zip(roll, y) for t in segment_bounds(len(r.ids), args.segment)[1:]]
+    rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], n, args.max_new_tokens, args.temperature,
+                            seed=C.rollout_seed(args.seed, 0, 11), desc="sft rollouts")
+    y, _ = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
+    p_empty = np.bincount([r.prompt_idx for r in rollouts], weights=y, minlength=len(problems)) / n
+    later = [(r, t, yi) for r, yi in zip(rollouts, y) for t in segment_bounds(len(r.ids), args.segment)[1:]]
     mid = [x for x in later if x[1] < len(x[0].ids) - 1]
     final = [x for x in later if x[1] == len(x[0].ids) - 1]
     hits = np.array([yi for _, _, yi in mid], float)  # the rollout itself is one sample from its state
     if m and mid:
         limit = args.max_new_tokens - min(t for _, t, _ in later)  # >= every mid state's budget
         cont = sampler.generate([r.prompt_ids + r.ids[:t] for r, t, _ in mid], m, limit, args.temperature,
-                                seed=args.seed * 1_000_003 + 13, desc="continuations")
+                                seed=C.rollout_seed(args.seed, 0, 13), desc="continuations")
         full = [mid[c.prompt_idx][0].ids[:mid[c.prompt_idx][1]] + c.ids[:args.max_new_tokens - mid[c.prompt_idx][1]]
                 for c in cont]
         cy, _ = C.score([tok.decode(ids, skip_special_tokens=True) for ids in full],
-                        [probs[mid[c.prompt_idx][0].prompt_idx].answer for c in cont])
+                        [problems[mid[c.prompt_idx][0].prompt_idx].answer for c in cont])
         np.add.at(hits, [c.prompt_idx for c in cont], cy)
-    states = [State(p.question, "", args.max_new_tokens) for p in probs] + \
-             [State(probs[r.prompt_idx].question, tok.decode(r.ids[:t], skip_special_tokens=True),
+    states = [State(p.question, "", args.max_new_tokens) for p in problems] + \
+             [State(problems[r.prompt_idx].question, tok.decode(r.ids[:t], skip_special_tokens=True),
                     args.max_new_tokens - t) for r, t, _ in mid + final]
     p_mc = np.concatenate([p_empty, hits / (1 + m), [yi for _, _, yi in final]])
     return states, p_mc, float(np.mean(y))
 
 
-# ------------------------------------------------------------------------------------------------
-# The three stages
-# ------------------------------------------------------------------------------------------------
+# -------------------- The three stages ------------------------------------------------------------
 
 
 def setup(args: Args, trainable_actor: bool):
-    """The actor (policy), the critic (--critic, or a copy of the policy), their samplers, the ICC facts and
-    the running success rate the critic's checkpoint carries (0.5 when it has none)."""
+    """The actor, the critic (--critic or a copy of the actor), the ICC facts, the running rate its checkpoint holds."""
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     policy, tok, path = C.load_model(args.model, dev, dtype)
@@ -311,15 +295,15 @@ def setup(args: Args, trainable_actor: bool):
 
 
 def sft(args: Args) -> Path:
-    """Stage 1: collect rollouts, measure Monte-Carlo success rates of their boundary states, write template
-    traces, and fine-tune the critic on them (cross-entropy on the trace tokens)."""
+    """Stage 1: p_MC of rollouts' boundary states -> template traces -> the critic's cross-entropy on their tokens."""
     dev, dtype, policy, tok, path, critic, cpath, _, actor = setup(args, trainable_actor=False)
     sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
-    probs = C.ProblemStream(C.load_problems(args.data), args.seed + 1).take(args.sft_problems)  # not stage 3's order
-    states, p_mc, ema = monte_carlo_states(sampler, tok, probs, args)
+    problems = C.ProblemStream(C.load_problems(args.data), args.seed + 1).take(args.sft_problems)  # not stage 3's order
+    states, p_mc, ema = monte_carlo_states(sampler, tok, problems, args)
     del sampler
     eos = C.eos_ids(critic, tok)[0]
-    targets = [tok(sft_trace(p, s.partial), add_special_tokens=False)["input_ids"] + [eos] for s, p in zip(states, p_mc)]
+    targets = [tok(sft_trace(p, s.partial), add_special_tokens=False)["input_ids"] + [eos]
+               for s, p in zip(states, p_mc)]
     seqs = [C.Rollout(0, ids, t, "", [0.0] * len(t), "stop")
             for ids, t in zip(critic_inputs(tok, states, args, actor, ema), targets)]
 
@@ -348,8 +332,7 @@ def sft(args: Args) -> Path:
 
 
 def pretrain(args: Args) -> Path:
-    """Stage 2: the actor frozen; the critic answers for fresh rollouts' boundary states and takes REINFORCE
-    steps on R_v = 1 - (r - v)^2."""
+    """Stage 2, the actor frozen: the critic answers for fresh rollouts' boundary states, REINFORCE steps on R_v."""
     dev, dtype, policy, tok, path, critic, cpath, ema, actor = setup(args, trainable_actor=False)
     sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
     csampler = C.make_sampler(args.sampler, critic, tok, cpath, dtype, args.seed + 1)
@@ -359,18 +342,18 @@ def pretrain(args: Args) -> Path:
     logger.CONSOLE = ["acc", "critic_mse", "critic_reward", "critic_parse_fail", "time_step"]
     for step in C.tqdm(range(1, args.pretrain_steps + 1), desc="genac pretrain"):
         t0 = time.perf_counter()
-        probs = stream.take(args.prompts_per_step)
-        roll = sampler.generate([C.build_prompt(tok, p) for p in probs], args.group_size, args.max_new_tokens,
-                                args.temperature, seed=args.seed * 1_000_003 + step * 101)
-        y, _ = C.score([r.text for r in roll], [probs[r.prompt_idx].answer for r in roll])
-        states, _ = states_of(tok, probs, roll, y, args)
-        v, ok, croll = query_critic(csampler, tok, states, args, actor, ema, seed=args.seed * 7_919 + step)
+        problems = stream.take(args.prompts_per_step)
+        rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], args.group_size, args.max_new_tokens,
+                                args.temperature, seed=C.rollout_seed(args.seed, step))
+        y, _ = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
+        states, _ = states_of(tok, problems, rollouts, y, args)
+        v, ok, croll = query_critic(csampler, tok, states, args, actor, ema, seed=C.second_seed(args.seed, step))
         r = torch.tensor([s.outcome for s in states])
         R = critic_rewards(r, v, ok)
-        metrics = {"acc": float(np.mean(y)), "critic_mse": float(((v - r) ** 2).mean()), "critic_reward": R.mean().item(),
-                   "critic_parse_fail": int((~ok).sum()), "critic_tokens": sum(len(c.ids) for c in croll),
-                   "icc_ema": ema, **critic_update(critic, optimizer, croll, R, args, tok.pad_token_id, dev,
-                                                   args.seed * 131 + step)}
+        metrics = {"acc": float(np.mean(y)), "critic_mse": float(((v - r) ** 2).mean()),
+                   "critic_reward": R.mean().item(), "critic_parse_fail": int((~ok).sum()),
+                   "critic_tokens": sum(len(c.ids) for c in croll), "icc_ema": ema,
+                   **critic_update(critic, optimizer, croll, R, args, tok.pad_token_id, dev, args.seed * 131 + step)}
         csampler.sync_weights(critic)
         ema = args.icc_ema * ema + (1 - args.icc_ema) * float(np.mean(y))
         logger.log(step, {**metrics, "time_step": time.perf_counter() - t0, "peak_mem_gb": C.peak_mem_gb()})
@@ -401,18 +384,18 @@ def train(args: Args):
         timer, t0 = C.Timer(), time.perf_counter()
         # 1. problems -> rollouts -> verifiable rewards
         with timer("time_gen"):
-            probs = stream.take(P)
-            roll = sampler.generate([C.build_prompt(tok, p) for p in probs], G, args.max_new_tokens,
-                                    args.temperature, seed=args.seed * 1_000_003 + step * 101)
-            correct, no_answer = C.score([r.text for r in roll], [probs[r.prompt_idx].answer for r in roll])
-        batch = C.collate(roll, tok.pad_token_id, dev)
+            problems = stream.take(P)
+            rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
+                                    args.temperature, seed=C.rollout_seed(args.seed, step))
+            correct, no_answer = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
+        batch = C.collate(rollouts, tok.pad_token_id, dev)
         mask, L = batch["response_mask"], batch["response_ids"].shape[1]
 
         # 2. the method: the critic reasons about every boundary state, segment-level GAE from its values
         with timer("time_critic"):
-            states, bounds = states_of(tok, probs, roll, correct, args)
-            v, ok, croll = query_critic(csampler, tok, states, args, actor, ema, seed=args.seed * 7_919 + step)
-        adv = rollout_advantages(v, bounds, correct, [len(r.ids) for r in roll], L, args.gamma, args.lam)
+            states, bounds = states_of(tok, problems, rollouts, correct, args)
+            v, ok, croll = query_critic(csampler, tok, states, args, actor, ema, seed=C.second_seed(args.seed, step))
+        adv = rollout_advantages(v, bounds, correct, [len(r.ids) for r in rollouts], L, args.gamma, args.lam)
         adv = adv.to(dev) * mask  # [N, L]
         r = torch.tensor([s.outcome for s in states])
         metrics = {"reward": float(np.mean(correct)), "acc": float(np.mean(correct)), "icc_ema": ema,
@@ -432,14 +415,12 @@ def train(args: Args):
             csampler.sync_weights(critic)
         ema = args.icc_ema * ema + (1 - args.icc_ema) * float(np.mean(correct))
 
-        flat = torch.tensor(correct).view(P, G)
-        metrics.update(adv_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item(),
-                       frac_reward_zero_std=(flat.max(-1).values == flat.min(-1).values).float().mean().item()
-                       if G > 1 else None, rollouts=len(roll), tokens=int(mask.sum()), no_answer=no_answer,
-                       resp_len=mask.sum(-1).mean().item())
+        rollout_adv = C.masked_mean(adv, mask, -1)  # [B]: a rollout's mean token advantage
+        metrics.update(C.batch_metrics(torch.tensor(correct).view(P, G).tolist(), rollout_adv, mask.sum(-1), no_answer),
+                       adv_token_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item())
         if args.oracle_k > 0:  # diagnostic only: the critic's value of the empty state vs a Monte-Carlo p(x)
-            v0 = torch.tensor([vs[0] for vs in per_rollout(v, bounds)]).view(P, G).mean(-1)
-            metrics.update(C.oracle_baseline_mse(sampler, tok, probs, v0.numpy(), args, seed=args.seed * 7_919 + step))
+            v0 = torch.tensor([vs[0] for vs in per_rollout(v, bounds)]).view(P, G).mean(-1).numpy()
+            metrics.update(C.oracle_baseline_mse(sampler, tok, problems, v0, args, seed=C.second_seed(args.seed, step)))
 
         # 4. log, evaluate, checkpoint
         if step == args.steps or (args.eval_every and step % args.eval_every == 0):
@@ -452,7 +433,7 @@ def train(args: Args):
 
 
 def run_all(args: Args):
-    """No subcommand: stage 1 into OUT/sft, stage 2 into OUT/pretrain (each from the last one's critic), stage 3 into OUT."""
+    """No subcommand: stage 1 into OUT/sft, stage 2 into OUT/pretrain, stage 3 into OUT, each from the last's critic."""
     out = Path(args.out)
     critic = sft(dataclasses.replace(args, out=str(out / "sft")))
     critic = pretrain(dataclasses.replace(args, out=str(out / "pretrain"), critic=str(critic)))
@@ -462,7 +443,4 @@ def run_all(args: Args):
 COMMANDS = {"sft": sft, "pretrain": pretrain, "train": train}
 
 if __name__ == "__main__":
-    cmd = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else None
-    if cmd is not None and cmd not in COMMANDS:
-        raise SystemExit(f"python genac.py [{'|'.join(COMMANDS)}] [flags]: unknown command {cmd!r}")
-    COMMANDS.get(cmd, run_all)(C.parse_args(Args, sys.argv[2:] if cmd else sys.argv[1:]))
+    C.run_command(COMMANDS, run_all, Args)

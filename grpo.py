@@ -41,8 +41,6 @@ Choices that are ours, not the papers'
 from __future__ import annotations
 
 import copy
-import dataclasses
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -63,6 +61,7 @@ VARIANTS = {  # --variant presets: each sets every field below whose default is 
 @dataclass
 class Args(C.TrainArgs):
     """GRPO / Dr.GRPO / DAPO: group-mean baselines, no critic."""
+    out: str = arg("runs/grpo", "run folder: metrics.jsonl, checkpoints")
     PRESETS: ClassVar[dict] = {"variant": VARIANTS}
     variant: str = arg("grpo", "preset: grpo (std-normalised, seq-mean-token-mean), drgrpo (no std, token sum / "
                        "max length), dapo (clip-higher 0.28, token-mean, dynamic sampling, overlong shaping)",
@@ -79,9 +78,6 @@ class Args(C.TrainArgs):
                                  "by --variant")
     loss_agg: str | None = arg(None, "loss aggregation over tokens; None: set by --variant",
                                choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-    bench: bool = arg(False, "time steps instead of training for results: every completion exactly --max-new-tokens "
-                      "long, every row trained, no eval/oracle/checkpoints, --out a temporary folder; prints "
-                      "'bench median_s_per_step=...' last (the first step is warm-up)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -135,19 +131,40 @@ def informative_groups(rewards: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def sample_groups(sampler, tok, problems, G, args, seed):
-    """Generate G rollouts per problem and score them: (rollouts, correct [N, G], lengths [N, G], no_answer)."""
-    roll = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
-                            args.temperature, seed=seed, min_new_tokens=args.max_new_tokens if args.bench else 0)
-    correct, no_answer = C.score([r.text for r in roll], [problems[r.prompt_idx].answer for r in roll])
+@dataclass
+class Groups:
+    """G rollouts of each problem, scored: rollouts grouped by problem; correct and lengths [N, G]."""
+    problems: list
+    rollouts: list
+    correct: torch.Tensor
+    lengths: torch.Tensor
+    no_answer: int
+
+    def select(self, keep: torch.Tensor) -> "Groups":
+        """The groups where keep [N] is True (no_answer still counts every completion that was scored). On a
+        sample_groups result only: a rollout's prompt_idx indexes the problems it was sampled with."""
+        idx = keep.nonzero()[:, 0].tolist()
+        return Groups([self.problems[i] for i in idx], [r for r in self.rollouts if keep[r.prompt_idx]],
+                      self.correct[idx], self.lengths[idx], self.no_answer)
+
+    @staticmethod
+    def cat(parts: list["Groups"]) -> "Groups":
+        return Groups([p for g in parts for p in g.problems], [r for g in parts for r in g.rollouts],
+                      torch.cat([g.correct for g in parts]), torch.cat([g.lengths for g in parts]),
+                      sum(g.no_answer for g in parts))
+
+
+def sample_groups(sampler, tok, problems, G, args, seed) -> Groups:
+    """Generate G rollouts per problem and score them."""
+    rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
+                                args.temperature, seed=seed)
+    correct, no_answer = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
     N = len(problems)
-    return roll, torch.tensor(correct).view(N, G), torch.tensor([len(r.ids) for r in roll]).view(N, G), no_answer
+    lengths = torch.tensor([len(r.ids) for r in rollouts]).view(N, G)
+    return Groups(problems, rollouts, torch.tensor(correct).view(N, G), lengths, no_answer)
 
 
 def main(args: Args):
-    if args.bench:  # same work every step, and nothing that is not a step
-        args = dataclasses.replace(args, eval_problems=0, oracle_k=0, save_every=0, resume=False,
-                                   out=tempfile.mkdtemp(prefix="grpo_bench_"))
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     policy, tok, path = C.load_model(args.model, dev, dtype)
@@ -170,47 +187,40 @@ def main(args: Args):
     for step in C.tqdm(range(start + 1, args.steps + 1), desc="grpo", initial=start, total=args.steps):
         timer, t0 = C.Timer(), time.perf_counter()
         # 1. problems -> G rollouts each -> verifiable rewards (DAPO: keep resampling until the batch is full)
-        kept, rollouts_spent, tokens, n_groups, n_flat, no_answer = [], 0, 0, 0, 0, 0
+        drawn, kept = [], []  # every sampled batch of groups; the groups that train
         with timer("time_gen"):
             for attempt in range(1 + (args.max_resample if args.dynamic_sampling else 0)):
-                need = P - sum(len(k[0]) for k in kept)
+                need = P - sum(len(g.problems) for g in kept)
                 if need <= 0:
                     break
-                probs = stream.take(need)
-                roll, correct, lengths, na = sample_groups(sampler, tok, probs, G, args,
-                                                           seed=args.seed * 1_000_003 + step * 101 + attempt)
-                rollouts_spent, tokens, no_answer = rollouts_spent + len(roll), tokens + int(lengths.sum()), no_answer + na
-                info = informative_groups(correct)
-                n_groups, n_flat = n_groups + len(probs), n_flat + int((~info).sum())
-                keep = info if args.dynamic_sampling else torch.ones_like(info)
-                idx = keep.nonzero()[:, 0].tolist()
-                kept.append(([probs[i] for i in idx], [r for r in roll if keep[r.prompt_idx]], correct[idx], lengths[idx]))
-        probs = [p for k in kept for p in k[0]]
-        roll = [r for k in kept for r in k[1]]
-        correct, lengths = torch.cat([k[2] for k in kept]), torch.cat([k[3] for k in kept])  # [N, G]
+                groups = sample_groups(sampler, tok, stream.take(need), G, args,
+                                       seed=C.rollout_seed(args.seed, step, attempt))
+                drawn.append(groups)
+                kept.append(groups.select(informative_groups(groups.correct)) if args.dynamic_sampling else groups)
+        spent, train = Groups.cat(drawn), Groups.cat(kept)
+        problems, rollouts, correct, lengths = train.problems, train.rollouts, train.correct, train.lengths  # [N, G]
 
         # 2. the method: shaped reward, group baseline, advantage broadcast over tokens
         rewards = correct + overlong_penalty(lengths.flatten(), args.max_new_tokens, buffer).view_as(correct)
         adv = group_advantages(rewards, args.scale_std)  # [N, G]
-        metrics = {"reward": rewards.mean().item() if len(probs) else float("nan"),
-                   "acc": correct.mean().item() if len(probs) else float("nan"),
-                   "adv_std": adv.std().item() if adv.numel() > 1 else 0.0,
-                   "frac_reward_zero_std": n_flat / max(n_groups, 1), "rollouts": rollouts_spent,
-                   "tokens": tokens, "no_answer": no_answer, "groups": len(probs),
-                   "resp_len": lengths.float().mean().item() if len(probs) else 0.0}
-        if args.oracle_k > 0 and len(probs):  # diagnostic only: the group mean vs a Monte-Carlo p(x)
-            metrics.update(C.oracle_baseline_mse(sampler, tok, probs, correct.mean(-1).numpy(), args,
-                                                 seed=args.seed * 7_919 + step))
+        metrics = {"reward": rewards.mean().item() if len(problems) else float("nan"),
+                   "acc": correct.mean().item() if len(problems) else float("nan"),
+                   **C.batch_metrics(correct.tolist(), adv.flatten(), lengths.flatten(), spent.no_answer),
+                   # what the step spent, dynamic sampling's discarded groups included
+                   "frac_reward_zero_std": (~informative_groups(spent.correct)).float().mean().item(),
+                   "rollouts": len(spent.rollouts), "tokens": int(spent.lengths.sum()), "groups": len(problems)}
+        if args.oracle_k > 0 and len(problems):  # diagnostic only: the group mean vs a Monte-Carlo p(x)
+            metrics.update(C.oracle_baseline_mse(sampler, tok, problems, correct.mean(-1).numpy(), args,
+                                                 seed=C.second_seed(args.seed, step)))
 
         # 3. policy update with the clipped surrogate
         with timer("time_train"):
-            if len(probs):
-                batch = C.collate(roll, tok.pad_token_id, dev)
+            if len(problems):
+                batch = C.collate(rollouts, tok.pad_token_id, dev)
                 adv_tok = adv.flatten()[:, None].to(dev) * batch["response_mask"]  # [B, L]
                 ref_logp = None if ref is None else C.logprobs_no_grad(ref, batch, args.temperature, args.logp_chunk,
                                                                          args.micro_batch_size)
-                metrics.update(C.policy_update(policy, optimizer, batch, adv_tok, args, ref_logp=ref_logp,
-                                               skip_zero_adv=not args.bench))
+                metrics.update(C.policy_update(policy, optimizer, batch, adv_tok, args, ref_logp=ref_logp))
                 sampler.sync_weights(policy)
 
         # 4. log, evaluate, checkpoint
@@ -218,11 +228,8 @@ def main(args: Args):
             metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
-        if not args.bench and (step == args.steps or (args.save_every and step % args.save_every == 0)):
+        if step == args.steps or (args.save_every and step % args.save_every == 0):
             C.save_checkpoint(args.out, step, {"policy": (policy, optimizer)}, {"cursor": stream.cursor})
-    if args.bench:
-        print(f"bench: per-step metrics in {logger.path}")
-        print(C.bench_line(logger.path))
     return logger.path
 
 

@@ -100,6 +100,7 @@ SETTINGS = {  # --preset: sets every field below whose default is None; explicit
 @dataclass
 class Args(C.TrainArgs):
     """POISE: a ridge probe on the policy's hidden states and entropies, cross-rollout baseline, no critic."""
+    out: str = arg("runs/poise", "run folder: metrics.jsonl, checkpoints")
     PRESETS: ClassVar[dict] = {"preset": SETTINGS}
     preset: str = arg("cpu", "cpu: the CPU default run (ours); paper: the release's RL settings (256 prompts x 2, "
                       "mini-batches of 64 rollouts, temperature 1, lr 1e-6, clip 0.2/0.28, dual-clip 10)",
@@ -392,29 +393,27 @@ def main(args: Args):
         timer, t0 = C.Timer(), time.perf_counter()
         # 1. problems -> n rollouts each -> verifiable rewards
         with timer("time_gen"):
-            probs = stream.take(P)
-            roll = sampler.generate([C.build_prompt(tok, p) for p in probs], n, args.max_new_tokens,
-                                    args.temperature, seed=args.seed * 1_000_003 + step * 101)
-            correct, no_answer = C.score([r.text for r in roll], [probs[r.prompt_idx].answer for r in roll])
+            problems = stream.take(P)
+            rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], n, args.max_new_tokens,
+                                    args.temperature, seed=C.rollout_seed(args.seed, step))
+            correct, no_answer = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
         rewards = torch.tensor(correct).view(P, n)  # [N, n], rollouts grouped by prompt
 
         # 2. the forward pass: features z_i (and log pi_old), then the probe from before this step's refit
-        batch = C.collate(roll, tok.pad_token_id, dev)
+        batch = C.collate(rollouts, tok.pad_token_id, dev)
         with timer("time_features"):
-            feats, old_logp = features_pass(policy, batch, roll, tok, args)  # [B, 2d+3], [B, L]
+            feats, old_logp = features_pass(policy, batch, rollouts, tok, args)  # [B, 2d+3], [B, L]
         use_probe = probe is not None and step > args.rloo_steps
         adv, g, targets, ok, new_rows = cross_rollout_step(rewards, feats, probe, use_probe)  # A, g, t_i: [N, n]
         baseline = rewards - adv
-        metrics = {"reward": rewards.mean().item(), "acc": rewards.mean().item(), "adv_std": adv.std().item(),
-                   "frac_reward_zero_std": (rewards.max(-1).values == rewards.min(-1).values).float().mean().item(),
-                   "rollouts": len(roll), "tokens": int(batch["response_mask"].sum()), "no_answer": no_answer,
-                   "resp_len": batch["response_mask"].sum(-1).mean().item(), "probe_used": float(use_probe),
-                   "nonfinite_groups": int((~ok).sum())}
+        metrics = {"reward": rewards.mean().item(), "acc": rewards.mean().item(),
+                   **C.batch_metrics(rewards.tolist(), adv.flatten(), batch["response_mask"].sum(-1), no_answer),
+                   "probe_used": float(use_probe), "nonfinite_groups": int((~ok).sum())}
         metrics.update(probe_r=pearson(g.flatten(), targets.flatten()) if g is not None else None,
                        probe_mae=float((g - targets).abs().mean()) if g is not None else None)
         if args.oracle_k > 0:  # diagnostic only: the per-prompt baseline and the probe vs a Monte-Carlo p(x)
-            p_hat = C.success_rates(sampler, tok, probs, args.oracle_k, args.max_new_tokens, args.temperature,
-                                    seed=args.seed * 7_919 + step)
+            p_hat = C.success_rates(sampler, tok, problems, args.oracle_k, args.max_new_tokens, args.temperature,
+                                    seed=C.second_seed(args.seed, step))
             metrics["baseline_mse"] = float(np.mean((baseline.mean(-1).numpy() - p_hat) ** 2))
             if g is not None:
                 metrics.update(oracle_probe_r=pearson(g.mean(-1), p_hat),

@@ -8,31 +8,31 @@ Papers
                (Huang et al., 2024); verl's and OpenRLHF's PPO trainers.
 
 What the method is
-  A critic V_phi(s_t), a language model with a scalar head (common.ValueModel), predicts the expected
+  A critic V_phi(s_t), a language model with a scalar head (ValueModel), predicts the expected
   final reward from every prefix s_t = (x, y_<t). The verifier's reward r sits on the last response
   token; optionally each token also pays -beta * (log pi - log pi_ref) (KL in the reward, not the loss).
       delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)
-      A_t     = sum_l (gamma * lambda)^l delta_{t+l}      (GAE)        -> common.gae
+      A_t     = sum_l (gamma * lambda)^l delta_{t+l}      (GAE)        -> gae
       R_t     = A_t + V(s_t)                               (critic target)
       A_t     <- whiten(A_t) over the batch's real tokens                -> common.masked_whiten
   The policy takes the clipped surrogate on A_t (common.policy_loss); the critic regresses V onto R_t
-  with the clipped value loss (common.value_loss). During the first --critic-warmup steps only the
+  with the clipped value loss (value_loss). During the first --critic-warmup steps only the
   critic trains, so the policy never follows a critic that has not seen a reward yet.
   The cost that every other method here exists to cut: the critic is a second network as large as the
   policy (by default a copy of it), with its own forward, backward and AdamW moments every step.
 
 Equation -> function
-  per-token rewards (terminal score, KL penalty) .... common.token_rewards
-  GAE, returns ...................................... common.gae
+  per-token rewards (terminal score, KL penalty) .... token_rewards
+  GAE, returns ...................................... gae
   whitening ......................................... common.masked_whiten
-  clipped value loss / update ....................... common.value_loss, common.value_update
-  explained variance ................................ common.explained_variance
+  clipped value loss / update ....................... value_loss, value_update
+  explained variance ................................ explained_variance
   clipped surrogate / update ........................ common.policy_loss, common.policy_update
 
 Choices that are ours (the PPO paper has no LLM setting; verl's defaults named where ours differ)
   - lambda 0.95 and value clip 0.2, as TRL's former PPO trainer and Huang et al.'s code; verl's defaults
     are lambda 1 and value clip 0.5. Advantages whitened with the 1/n variance (verl, TRL: 1/(n-1);
-    common.masked_whiten). The critic's head starts at zero (common.ValueModel).
+    common.masked_whiten). The critic's head starts at zero (ValueModel).
   - baseline_mse uses the critic's value at the first response token, V(s_0), as the prompt's baseline:
     with gamma = 1 and a 0/1 reward it estimates the success rate p(x).
   - CPU defaults: 32 prompts x 1 rollout (the same 32 rollouts per step as grpo.py's 8 x 4), critic lr
@@ -54,6 +54,7 @@ from common import arg
 @dataclass
 class Args(C.TrainArgs):
     """PPO: learned critic (value head), GAE, clipped policy and value losses."""
+    out: str = arg("runs/ppo", "run folder: metrics.jsonl, checkpoints")
     steps: int = arg(15, "policy updates (each on a fresh batch of rollouts)")
     prompts_per_step: int = arg(32, "prompts per step")
     group_size: int = arg(1, "rollouts per prompt (PPO needs no groups; raise it to compare with GRPO)")
@@ -75,6 +76,118 @@ class Args(C.TrainArgs):
                 raise ValueError(f"--{C.flag(name)} must be {f'in [{low}, {high}]' if high else f'>= {low}'}, got {v}")
 
 
+# -------------------- PPO's math: token rewards, GAE, the critic, its loss ------------------------
+
+
+def token_rewards(score: torch.Tensor, mask: torch.Tensor, logp=None, ref_logp=None, beta: float = 0.0):
+    """Per-token rewards [B, L]: the verifier's score on the last real token of each response (verl's reward
+    managers put it at valid_response_length - 1 too), and, when beta > 0, the KL penalty
+    -beta * (log pi(y_t) - log pi_ref(y_t)) on every real token (k1, as in PPO-RLHF)."""
+    last = mask.sum(-1).long().clamp(min=1) - 1  # [B] index of the last real token
+    r = torch.zeros_like(mask)
+    r[torch.arange(len(score)), last] = score.to(r.dtype)
+    if beta > 0:
+        r = r - beta * (logp - ref_logp) * mask
+    return r
+
+
+def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation over right-padded token sequences ([B, L] each).
+        delta_t = r_t + gamma * V_{t+1} - V_t          (V after the last real token is 0)
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        returns = A + V
+    Padding positions get A = 0 and returns 0 and do not leak into real tokens. On real tokens this is verl's
+    compute_gae_advantage_return; verl's returns on padding are V, and it whitens A inside (here
+    masked_whiten, a separate step the caller chooses)."""
+    B, L = rewards.shape
+    adv = torch.zeros_like(rewards)
+    next_v, next_a = torch.zeros(B, device=rewards.device), torch.zeros(B, device=rewards.device)
+    for t in reversed(range(L)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        a = delta + gamma * lam * next_a
+        adv[:, t] = a * m
+        next_v = torch.where(m > 0, values[:, t], next_v)  # padding carries nothing backwards
+        next_a = torch.where(m > 0, a, next_a)
+    return adv, (adv + values) * mask
+
+
+class ValueModel(torch.nn.Module):
+    """A language model's decoder + a scalar head: V(s_t) for every position. Ours: the head starts at zero,
+    so the first values are 0 and the first step moves only the head (a zero head passes no gradient to the
+    decoder); verl's critic is a token-classification head with transformers' default random init, DVPO's
+    code uses TRL's value-head model."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.backbone = lm.get_decoder()
+        self.config = lm.config
+        self.head = torch.nn.Linear(lm.config.hidden_size, 1, dtype=next(lm.parameters()).dtype,
+                                    device=next(lm.parameters()).device)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: dict):
+        """Values of the states before each response token and after the last: [B, L]."""
+        h = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          position_ids=batch["position_ids"]).last_hidden_state
+        P, L = batch["prompt_len"], batch["response_ids"].shape[1]
+        return self.head(h[:, P - 1:P + L - 1]).squeeze(-1).float()
+
+
+def critic_values(critic, batch, micro: int) -> torch.Tensor:
+    """V(s_t) for every response token, no gradient: [B, L]."""
+    with torch.no_grad():
+        B = batch["response_ids"].shape[0]
+        return torch.cat([critic(C.slice_batch(batch, slice(s, s + micro))) for s in range(0, B, micro)])
+
+
+def value_loss(v, v_old, returns, mask, clip: float = 0.2):
+    """Clipped value loss (PPO, as in verl / OpenAI's RLHF code), masked token mean:
+        0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2);   c <= 0: 0.5 * (V - R)^2
+    Equal to verl's compute_value_loss (token-mean) for c > 0; there c = 0 would keep the max with
+    (V_old - R)^2, here it means no clipping."""
+    loss = (v - returns) ** 2
+    if clip > 0:
+        loss = torch.maximum(loss, (v_old + (v - v_old).clamp(-clip, clip) - returns) ** 2)
+    return 0.5 * C.masked_mean(loss, mask)
+
+
+def value_update(critic, optimizer, batch: dict, returns, old_values, args, clip: float = 0.2) -> dict:
+    """Regress the critic's V(s_t) [B, L] onto `returns` (see minibatch_update, value_loss)."""
+    mask = batch["response_mask"]
+
+    def loss_fn(r):
+        loss = value_loss(critic(C.slice_batch(batch, r)), old_values[r], returns[r], mask[r], clip)
+        return loss, {"value_loss": loss.item()}
+    with C.update_mode(critic, args.grad_checkpointing, args.autocast):
+        st = C.minibatch_update(optimizer, mask, args, loss_fn, "token-mean")
+    return {"value_loss": st.get("value_loss", float("nan")), "critic_grad_norm": st.get("grad_norm", float("nan")),
+            "critic_nan_skips": st["nan_skips"]}
+
+
+def explained_variance(values, returns, mask) -> float:
+    """1 - Var(R - V) / Var(R) over real tokens: 1 is a perfect critic, 0 no better than a constant.
+    NaN when the returns are constant; verl's vf_explained_var adds 1e-5 to Var(R) instead (its ddof 1 in
+    both variances cancels)."""
+    var_r = C.masked_mean((returns - C.masked_mean(returns, mask)) ** 2, mask)
+    err = returns - values
+    var_e = C.masked_mean((err - C.masked_mean(err, mask)) ** 2, mask)
+    return float(1 - var_e / var_r) if var_r > 0 else float("nan")
+
+
+def fit_critic(critic, optimizer, batch: dict, scores, args, epochs: int, log=None):
+    """Train a critic on fixed rollouts (the policy frozen): each pass recomputes V, ppo.py's targets
+    (GAE returns of the terminal scores [B]) and takes value_update. For studies of the critic alone."""
+    mask = batch["response_mask"]
+    for epoch in range(epochs):
+        values = critic_values(critic, batch, args.micro_batch_size)  # [B, L]
+        _, returns = gae(token_rewards(scores, mask), values, mask, args.gamma, args.lam)
+        stats = value_update(critic, optimizer, batch, returns, values, args, args.value_clip)
+        if log is not None:
+            log(epoch, stats)
+
+
 def main(args: Args):
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
@@ -86,7 +199,7 @@ def main(args: Args):
                              "the critic must read the same token ids")
     else:
         critic_lm = copy.deepcopy(policy)  # same weights, separate parameters: twice the model memory
-    critic = C.ValueModel(critic_lm)
+    critic = ValueModel(critic_lm)
     optimizer = C.adamw(policy.parameters(), args.lr)
     critic_opt = C.adamw(critic.parameters(), args.critic_lr)
     parts = {"policy": (policy, optimizer), "critic": (critic, critic_opt)}
@@ -108,31 +221,31 @@ def main(args: Args):
         timer, t0 = C.Timer(), time.perf_counter()
         # 1. problems -> rollouts -> verifiable rewards
         with timer("time_gen"):
-            probs = stream.take(P)
-            roll = sampler.generate([C.build_prompt(tok, p) for p in probs], G, args.max_new_tokens,
-                                    args.temperature, seed=args.seed * 1_000_003 + step * 101)
-            correct, no_answer = C.score([r.text for r in roll], [probs[r.prompt_idx].answer for r in roll])
+            problems = stream.take(P)
+            rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
+                                    args.temperature, seed=C.rollout_seed(args.seed, step))
+            correct, no_answer = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
         correct = torch.tensor(correct)  # [B], B = P * G, grouped by prompt
-        batch = C.collate(roll, tok.pad_token_id, dev)
+        batch = C.collate(rollouts, tok.pad_token_id, dev)
         mask = batch["response_mask"]
 
         with timer("time_train"):
             # 2. the method: critic values, per-token rewards, GAE, whitened advantages
-            values = C.critic_values(critic, batch, mbs)  # [B, L]
+            values = critic_values(critic, batch, mbs)  # [B, L]
             old_logp = ref_logp = None
             if ref is not None:  # the KL penalty needs log pi and log pi_ref of the sampled tokens
                 old_logp = C.logprobs_no_grad(policy, batch, args.temperature, args.logp_chunk, mbs)
                 ref_logp = C.logprobs_no_grad(ref, batch, args.temperature, args.logp_chunk, mbs)
-            rewards = C.token_rewards(correct.to(dev), mask, old_logp, ref_logp, args.kl_coef)
-            adv, returns = C.gae(rewards, values, mask, args.gamma, args.lam)
+            rewards = token_rewards(correct.to(dev), mask, old_logp, ref_logp, args.kl_coef)
+            adv, returns = gae(rewards, values, mask, args.gamma, args.lam)
             metrics = {"reward": rewards.sum(-1).mean().item(), "acc": correct.mean().item(),
-                       "explained_variance": C.explained_variance(values, returns, mask),
+                       "explained_variance": explained_variance(values, returns, mask),
                        "value_mean": C.masked_mean(values, mask).item()}
             if args.whiten_adv:
                 adv = C.masked_whiten(adv, mask)
 
             # 3. critic update every step; policy update after the warm-up
-            metrics.update(C.value_update(critic, critic_opt, batch, returns, values, args, args.value_clip))
+            metrics.update(value_update(critic, critic_opt, batch, returns, values, args, args.value_clip))
             if step > args.critic_warmup:
                 # the KL is already in the reward: keep it out of the loss (ref_logp=None)
                 metrics.update(C.policy_update(policy, optimizer, batch, adv, args, old_logp=old_logp))
@@ -140,15 +253,12 @@ def main(args: Args):
             if ref is not None:  # the KL the reward paid (k1 of the sampled tokens), not the loss's (0 here)
                 metrics["kl"] = C.masked_mean(old_logp - ref_logp, mask).item()
 
-        flat = correct.view(P, G)
-        metrics.update(adv_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item(),
-                       frac_reward_zero_std=(flat.max(-1).values == flat.min(-1).values).float().mean().item()
-                       if G > 1 else None,
-                       rollouts=len(roll), tokens=int(mask.sum()), no_answer=no_answer,
-                       resp_len=mask.sum(-1).mean().item())
+        rollout_adv = C.masked_mean(adv, mask, -1)  # [B]: a rollout's mean token advantage
+        metrics.update(C.batch_metrics(correct.view(P, G).tolist(), rollout_adv, mask.sum(-1), no_answer),
+                       adv_token_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item())
         if args.oracle_k > 0:  # diagnostic only: the critic's V(s_0) vs a Monte-Carlo p(x)
             v0 = values[:, 0].view(P, G).mean(-1).cpu().numpy()  # same prompt, same state s_0
-            metrics.update(C.oracle_baseline_mse(sampler, tok, probs, v0, args, seed=args.seed * 7_919 + step))
+            metrics.update(C.oracle_baseline_mse(sampler, tok, problems, v0, args, seed=C.second_seed(args.seed, step)))
 
         # 4. log, evaluate, checkpoint
         if step == args.steps or (args.eval_every and step % args.eval_every == 0):

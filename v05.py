@@ -14,15 +14,13 @@ What the method is (the formulas: a third-party reading consistent with the abst
   The positive part is a hypothesis test: H0 "the prior is right" is kept when (v_k - V)^2 <= s2/k, i.e.
   |z| <= 1 with z = (v_k - V) / sqrt(s2/k); then mu = V exactly: a two-sided z-test at level
   alpha = 2 (1 - Phi(1)) ~ 0.317, run by fuse at --alpha                                  -> z_test_rejects
-  That level is exact for Gaussian rewards of variance s2. For Bernoulli rewards and a right prior the true
-  false-rejection rate depends on k and p: 0.125 at k = 4, p = 0.5; up to 0.375 at k = 4 and 0.48 at k = 8;
-  near 0 for p near 0 or 1 (exact enumeration: benchmarks/v05_sim.py --size).
+  That level is exact for Gaussian rewards of variance s2; for Bernoulli rewards and a right prior the true
+  false-rejection rate depends on k and p (exact enumeration: benchmarks/v05_sim.py --size).
   Budget: the risk of stopping at k is the baseline's estimated MSE plus the rollouts' cost,
       R(k) = MSE(k) + c k,   MSE(k) = D2 (s2/k) / (D2 + s2/k)                                  -> risk, mse
   and a prompt gets one more rollout while R(k+1) < R(k), i.e. MSE(k) - MSE(k+1) > c (c = 0.0039 ~ 1/16^2),
-  up to k_max = 16 -> wants_more, adaptive_rollouts (the gain is below 1/(k (k+1)), so c = 0.0039 alone stops
-  every prompt by k = 16). Where the prior agrees (D2 = 0) MSE(k) = 0 and the prompt stops at k_init; where it is
-  wrong, rollouts are bought until the empirical mean carries the baseline.
+  up to k_max = 16 -> wants_more, adaptive_rollouts (the gain is below 1/(k (k+1)): c alone stops every prompt by
+  k = 16). Where the prior agrees (D2 = 0) the prompt stops at k_init; where it is wrong, rollouts are bought.
 
 Equation -> function
   D2, w ........................... shrinkage          (any reward scale, given its s2)
@@ -38,28 +36,24 @@ Choices that are ours, not the paper's
     with the shared defaults (token-mean, clip 0.2 / 0.2, no dual-clip, one epoch) and no KL term (--kl-coef must
     be 0: no reference policy is kept). Rewards stay 0/1 in the trainer; fuse converts to +-1 and back (the
     fusion is scale-equivariant: 0/1 with s2 = 1/4 gives the same w and decisions, tested; only c is tied to the
-    +-1 scale). A = (2 r - 1) - (2 mu - 1): on the 0/1 scale it would be half GRPO's step (with mu = 1/4, a
-    group of 4 with one success gets 1.5 / -0.5, as from GRPO's std-scaled advantage).
+    +-1 scale). A = (2 r - 1) - (2 mu - 1): on the 0/1 scale it would be half GRPO's step.
   - --alpha other than 2 (1 - Phi(1)): the z-test rejects when |z| > z* = Phi^{-1}(1 - alpha/2), and the bias
     estimate moves with it, D2 = max(0, (v_k - V)^2 - z*^2 s2/k), so the rollouts get weight exactly where the
     test rejects. z* = 1 exactly at the default level: the rule above, bit for bit (tested).
   - --test binomial: scipy.stats.binomtest of H0: p = V on the 0/1 counts at --alpha. When it rejects, the
     squared bias is the plug-in (v_k - V)^2 (a variance correction could make it 0 although the test rejected).
-  - Batching: a round samples all prompts' extra rollouts in one generate call, each prompt getting every rollout
-    the one-at-a-time rule is sure to buy whatever they return (sure_extra): the same k, rewards and baseline
-    (tested path by path), fewer rounds (benchmarks/v05_sim.py --rounds). --round-max R caps a round at R.
-  - --scale-std divides by the Bernoulli std of a +-1 reward, 2 sqrt(mu (1 - mu)), floored at 0.2: a group
-    whose rewards are all equal still has a nonzero advantage here, so the group's own std cannot be used.
+  - Batching: a round samples, in one generate call, every rollout the one-at-a-time rule is sure to buy whatever
+    they return (sure_extra): the same k, rewards and baseline (tested), in fewer rounds; --round-max caps a round.
+  - --scale-std divides by the Bernoulli std of a +-1 reward, 2 sqrt(mu (1 - mu)) floored at 0.2 (a group's own
+    std can be 0 where its advantage is not).
   - The prior's V0 (--v0 auto), pretrained/v0-smollm2-arith-ck, is v0.py's model trained on the base policy at
     three temperatures and on three of its GRPO checkpoints: on (model, training step) tasks, as the paper's V0.
-  - V0's context: a FIFO of the policy's (prompt, empirical success rate) rows, --history 16 long (two steps of 8
-    prompts: the paper's V0 reads rows of one (model, step); older rows describe a policy that has moved), plus
-    (--fresh-context) this step's other prompts' k_init rates, the only rows of the policy as it is now; so V is
-    predicted after the k_init round, leaving out prompt i's own rollouts (the test compares V with them). The
-    FIFO starts (--history-init auto) from the rows V0's checkpoint carries of --model at --temperature, so no
-    rollouts go to a warm-up; --warmup-prompts N adds one (N x k_init rollouts at step 0, counted in the spend,
-    from the far end of the stream's first pass, warmup_problems, so training still sees grpo.py's prompts).
-    With no context at all every prompt gets --prior-constant. V0 is never updated here.
+  - V0's context: a FIFO of the policy's (prompt, empirical success rate) rows, --history 16 long (the paper's V0
+    reads rows of one (model, step); older rows describe a policy that has moved), plus (--fresh-context) this
+    step's other prompts' k_init rates, leaving out prompt i's own (the test compares V with them). It starts
+    (--history-init auto) from the rows V0's checkpoint carries of --model at --temperature; --warmup-prompts N
+    adds a warm-up (N x k_init rollouts at step 0, counted, from the far end of the stream's first pass:
+    warmup_problems). With no context a prompt gets --prior-constant. V0 is never updated here.
   - Ablation priors: oracle = Monte-Carlo p from --oracle-k extra rollouts + N(0, --prior-noise), clipped; constant
     = --prior-constant; corrupt = the noisy oracle, but the far end (1 if p < 0.5 else 0) on --corrupt-frac of prompts.
   - test_reject_rate is measured at k_init (the decision that buys extra rollouts). acc is the mean of the
@@ -89,7 +83,8 @@ COST = 0.0039  # c, on the +-1 reward scale: about 1/16^2
 @dataclass
 class Args(C.TrainArgs):
     """V0.5: GRPO-style training where the baseline fuses V0's prior with k >= k_init rollouts per prompt."""
-    steps: int = arg(8, "policy updates (each on a fresh batch of prompts); 8 keeps the CPU default under 10 minutes")
+    out: str = arg("runs/v05", "run folder: metrics.jsonl, checkpoints")
+    steps: int = arg(8, "policy updates (each on a fresh batch of prompts)")
     k_init: int = arg(4, "rollouts every prompt gets before the test")
     k_max: int = arg(16, "rollouts a prompt can get at most")
     cost: float = arg(COST, "c: buy one more rollout while R(k+1) < R(k), i.e. the MSE drop exceeds c (+-1 scale)")
@@ -257,9 +252,6 @@ def v05_advantages(rewards: torch.Tensor, group: torch.Tensor, mu: torch.Tensor,
     return adv
 
 
-# ------------------------------------------- The prior --------------------------------------------
-
-
 def v0_checkpoint(args: Args) -> str:
     """--v0 auto: the shipped V0 when its collected rows name --model; otherwise say how to make one."""
     if args.v0 != "auto":
@@ -270,21 +262,23 @@ def v0_checkpoint(args: Args) -> str:
         raise SystemExit(
             f"--model {args.model}: no V0 was trained for this policy (the shipped {V0_DEFAULT} was trained for "
             f"{', '.join(sorted(trained_for))}). Make one, then pass --v0:\n"
-            f"  python v0.py collect --model {args.model} --data {args.data} --out data/v0_mine/context.jsonl\n"
-            f"  python v0.py train --data data/v0_mine --out runs/v0_mine\n"
+            f"  python benchmarks/v0_collect.py --model {args.model} --data {args.data} --out data/v0_mine/context.jsonl\n"
+            f"  python v0.py --data data/v0_mine --out runs/v0_mine\n"
             f"  python v05.py --model {args.model} --v0 runs/v0_mine\n"
             "or run without V0: --prior constant (a fixed prior; the test then decides everything).")
     return V0_DEFAULT
 
 
-def prior_from_v0(model, bb, history: list[tuple[str, float]], questions: list[str], fresh=None,
+def prior_from_v0(model, backbone, history: list[tuple[str, float]], questions: list[str], fresh=None,
                   fallback: float = 0.5) -> np.ndarray:
     """V0's p(x_i) for each question, in context of the policy's history [(question, success rate)].
     fresh [N] (ours, --fresh-context): this step's k_init success rates of the same questions; prompt i's context
     then also holds the other prompts' rows (leave-one-out: V must not read prompt i's own rollouts, which the test
     compares it with). An empty context (no history, one prompt) gives the fallback. -> [N]"""
     def p(ctx, qs):
-        return V0.predict(model, bb, [c[0] for c in ctx], [c[1] for c in ctx], qs) if ctx else np.full(len(qs), fallback)
+        if not ctx:
+            return np.full(len(qs), fallback)
+        return V0.predict(model, backbone, [c[0] for c in ctx], [c[1] for c in ctx], qs)
     if fresh is None:
         return p(history, questions)
     rows = [(q, float(r)) for q, r in zip(questions, fresh)]
@@ -309,26 +303,31 @@ class PolicyDraw:
     """The `draw` adaptive_rollouts calls during training: sample counts[i] rollouts of prompt i in one batched
     generate call, score them, and keep every Rollout and reward (rollouts[i], rewards[i]: prompt i's)."""
 
-    def __init__(self, sampler, tok, probs: list[C.Problem], args: Args, seed: int, timer=None):
-        self.sampler, self.probs, self.args, self.seed, self.timer = sampler, probs, args, seed, timer or C.Timer()
-        self.texts = [C.build_prompt(tok, p) for p in probs]
-        self.rollouts, self.rewards = [[] for _ in probs], [[] for _ in probs]
+    def __init__(self, sampler, tok, problems: list[C.Problem], args: Args, seed: int, timer=None):
+        self.sampler, self.problems, self.args = sampler, problems, args
+        self.seed, self.timer = seed, timer or C.Timer()
+        self.texts = [C.build_prompt(tok, p) for p in problems]
+        self.rollouts, self.rewards = [[] for _ in problems], [[] for _ in problems]
         self.calls, self.no_answer = 0, 0
 
     def __len__(self):
-        return len(self.probs)
+        return len(self.problems)
 
     def __call__(self, counts) -> list[list[float]]:
         idx = np.nonzero(counts)[0]
         with self.timer("time_gen"):  # sampling and scoring, as time_gen is in grpo.py
-            roll = self.sampler.generate([self.texts[i] for i in idx], counts[idx].tolist(), self.args.max_new_tokens,
-                                         self.args.temperature, seed=self.seed + 7_001 * self.calls)
-            correct, na = C.score([r.text for r in roll], [self.probs[idx[r.prompt_idx]].answer for r in roll])
-        self.calls, self.no_answer = self.calls + 1, self.no_answer + na
-        new = [[] for _ in self.probs]
-        for r, c in zip(roll, correct):
+            rollouts = self.sampler.generate([self.texts[i] for i in idx], counts[idx].tolist(),
+                                             self.args.max_new_tokens, self.args.temperature,
+                                             seed=self.seed + 7_001 * self.calls)
+            answers = [self.problems[idx[r.prompt_idx]].answer for r in rollouts]
+            correct, n_no_answer = C.score([r.text for r in rollouts], answers)
+        self.calls, self.no_answer = self.calls + 1, self.no_answer + n_no_answer
+        new = [[] for _ in self.problems]
+        for r, c in zip(rollouts, correct):
             i = idx[r.prompt_idx]
-            new[i].append(c), self.rollouts[i].append(r), self.rewards[i].append(c)
+            new[i].append(c)
+            self.rollouts[i].append(r)
+            self.rewards[i].append(c)
         return new
 
 
@@ -340,11 +339,11 @@ def warmup_problems(problems: list[C.Problem], seed: int, k: int) -> list[C.Prob
     return tail.take(min(k, len(problems)))
 
 
-def log_prompts(path, step: int, probs: list[C.Problem], rewards: list[list[float]], **per_prompt):
+def log_prompts(path, step: int, problems: list[C.Problem], rewards: list[list[float]], **per_prompt):
     """Append this step's rows to OUT/prompts.jsonl: question, answer, the 0/1 rewards in the order drawn (the
     first k_init are what the test saw), and any per-prompt arrays given (prior, mu, reject_init)."""
     with open(path, "a") as fh:
-        for i, (p, r) in enumerate(zip(probs, rewards)):
+        for i, (p, r) in enumerate(zip(problems, rewards)):
             extra = {name: (v[i].item() if hasattr(v[i], "item") else v[i]) for name, v in per_prompt.items()}
             fh.write(json.dumps({"step": step, "question": p.question, "answer": p.answer,
                                    "rewards": [int(x) for x in r], **extra}) + "\n")
@@ -353,7 +352,7 @@ def log_prompts(path, step: int, probs: list[C.Problem], rewards: list[list[floa
 def main(args: Args):
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
-    v0model, bb = V0.load_v0(v0_checkpoint(args)) if args.prior == "v0" else (None, None)
+    v0model, backbone = V0.load_v0(v0_checkpoint(args)) if args.prior == "v0" else (None, None)
     policy, tok, path = C.load_model(args.model, dev, dtype)
     optimizer = C.adamw(policy.parameters(), args.lr)
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
@@ -373,9 +372,10 @@ def main(args: Args):
 
     if start == 0:  # --warmup-prompts > 0: k_init rollouts on other prompts, only to seed V0's history
         warm = warmup_problems(train_set, args.seed, args.warmup_prompts) if args.prior == "v0" else []
-        metrics = {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed) if eval_set else None}
+        metrics = {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+                   if eval_set else None}
         if warm:
-            draw = PolicyDraw(sampler, tok, warm, args, seed=args.seed * 1_000_003)
+            draw = PolicyDraw(sampler, tok, warm, args, seed=C.rollout_seed(args.seed, 0))
             rates = np.array([np.mean(r) for r in draw(np.full(len(warm), args.k_init))])
             history = (history + [(p.question, float(r)) for p, r in zip(warm, rates)])[-args.history:]
             log_prompts(prompt_log, 0, warm, draw.rewards)
@@ -384,41 +384,40 @@ def main(args: Args):
 
     for step in C.tqdm(range(start + 1, args.steps + 1), desc="v05", initial=start, total=args.steps):
         timer, t0, metrics = C.Timer(), time.perf_counter(), {}
-        probs = stream.take(args.prompts_per_step)
-        seed, rng = args.seed * 1_000_003 + step * 101, np.random.default_rng([args.seed, step])
+        problems = stream.take(args.prompts_per_step)
+        seed, rng = C.rollout_seed(args.seed, step), np.random.default_rng([args.seed, step])
         # 1. for diagnostics or the ablation priors: a Monte-Carlo p from rollouts kept out of training
-        p_oracle = (C.success_rates(sampler, tok, probs, args.oracle_k, args.max_new_tokens, args.temperature,
-                                    seed=args.seed * 7_919 + step) if args.oracle_k > 0 else None)
+        p_oracle = (C.success_rates(sampler, tok, problems, args.oracle_k, args.max_new_tokens, args.temperature,
+                                    seed=C.second_seed(args.seed, step)) if args.oracle_k > 0 else None)
         corrupted = None
         if args.prior == "v0":  # V0 in context of the history (and of this step's k_init rates, once drawn)
             def prior(rates_init):
                 with timer("time_prior"):
-                    return prior_from_v0(v0model, bb, history, [p.question for p in probs],
+                    return prior_from_v0(v0model, backbone, history, [p.question for p in problems],
                                          rates_init if args.fresh_context else None, args.prior_constant)
         elif args.prior == "constant":
-            prior = np.full(len(probs), args.prior_constant)
+            prior = np.full(len(problems), args.prior_constant)
         else:
             prior = noisy_oracle_prior(p_oracle, args.prior_noise, rng)
             if args.prior == "corrupt":
                 prior, corrupted = corrupt_prior(p_oracle, prior, args.corrupt_frac, rng)
 
         # 2. k_init rollouts each, the prior V, the test, and more rollouts where the prior looks wrong
-        draw = PolicyDraw(sampler, tok, probs, args, seed, timer)
+        draw = PolicyDraw(sampler, tok, problems, args, seed, timer)
         res = adaptive_rollouts(draw, prior, args.k_init, args.k_max, args.cost, args.test, args.alpha, args.round_max)
         rates, k, prior = res["hits"] / res["k"], res["k"], res["prior"]
-        history = (history + [(p.question, float(r)) for p, r in zip(probs, rates)])[-args.history:]
-        log_prompts(prompt_log, step, probs, draw.rewards, prior=prior, mu=res["mu"], reject_init=res["reject_init"])
+        history = (history + [(p.question, float(r)) for p, r in zip(problems, rates)])[-args.history:]
+        log_prompts(prompt_log, step, problems, draw.rewards, prior=prior, mu=res["mu"], reject_init=res["reject_init"])
 
         # 3. A_i = r_i - mu (+-1 scale), broadcast over tokens
-        roll = [r for group in draw.rollouts for r in group]
-        rewards = torch.tensor([c for group in draw.rewards for c in group])  # [B], in the order of roll
-        gidx = torch.repeat_interleave(torch.arange(len(probs)), torch.tensor(k))
+        rollouts = [r for group in draw.rollouts for r in group]
+        rewards = torch.tensor([c for group in draw.rewards for c in group])  # [B], in the order of rollouts
+        gidx = torch.repeat_interleave(torch.arange(len(problems)), torch.tensor(k))
         adv = v05_advantages(rewards, gidx, torch.tensor(res["mu"], dtype=torch.float32), args.scale_std)
-        flat = [float(min(g) == max(g)) for g in np.split(rewards.numpy(), np.cumsum(k)[:-1])]
+        lengths = torch.tensor([len(r.ids) for r in rollouts])  # [B]
         # acc weighs every prompt the same (as GRPO's equal groups do), however many rollouts it got
-        metrics.update(reward=rewards.mean().item(), acc=float(rates.mean()), adv_std=adv.std().item(),
-                       frac_reward_zero_std=float(np.mean(flat)), rollouts=len(roll), no_answer=draw.no_answer,
-                       tokens=sum(len(r.ids) for r in roll), k_mean=float(k.mean()),
+        metrics.update(**C.batch_metrics(draw.rewards, adv, lengths, draw.no_answer),
+                       reward=rewards.mean().item(), acc=float(rates.mean()), k_mean=float(k.mean()),
                        k_max_hit=float(np.mean(k >= args.k_max)), test_reject_rate=float(res["reject_init"].mean()),
                        w_mean=float(res["w"].mean()), rounds=res["rounds"], prior_mean=float(prior.mean()))
         if p_oracle is not None:
@@ -431,7 +430,7 @@ def main(args: Args):
             metrics.update(corrupt_k_mean=float(k[corrupted].mean()), clean_k_mean=float(k[~corrupted].mean()),
                            corrupt_reject_rate=float(res["reject_init"][corrupted].mean()))
         with timer("time_train"):
-            batch = C.collate(roll, tok.pad_token_id, dev)
+            batch = C.collate(rollouts, tok.pad_token_id, dev)
             adv_tok = adv[:, None].to(dev) * batch["response_mask"]  # [B, L]
             metrics.update(C.policy_update(policy, optimizer, batch, adv_tok, args))
             sampler.sync_weights(policy)
@@ -442,7 +441,8 @@ def main(args: Args):
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):
-            C.save_checkpoint(args.out, step, {"policy": (policy, optimizer)}, {"cursor": stream.cursor, "history": history})
+            C.save_checkpoint(args.out, step, {"policy": (policy, optimizer)},
+                              {"cursor": stream.cursor, "history": history})
     return logger.path
 
 

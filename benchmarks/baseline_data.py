@@ -46,7 +46,8 @@ def grouped(rollouts, rewards, n_prompts: int, per_prompt: int):
     """Sampler output (any order) -> rollouts [N][n] in the order drawn, and 0/1 rewards [N, n]."""
     rows, r = [[] for _ in range(n_prompts)], [[] for _ in range(n_prompts)]
     for x, c in zip(rollouts, rewards):
-        rows[x.prompt_idx].append(x), r[x.prompt_idx].append(c)
+        rows[x.prompt_idx].append(x)
+        r[x.prompt_idx].append(c)
     assert all(len(g) == per_prompt for g in rows)
     return rows, np.array(r, dtype=np.int8)
 
@@ -80,7 +81,7 @@ def norm_gain_grads(policy, batch: dict, temperature: float, hidden_layer: int |
 
 def critic_at_start(critic, batch: dict, micro: int) -> np.ndarray:
     """V(s_0): the value at the state before the first response token (the prompt alone). -> [B]"""
-    return C.critic_values(critic, batch, micro)[:, 0].numpy()
+    return ppo.critic_values(critic, batch, micro)[:, 0].numpy()
 
 
 def genac_values(folder: str, policy_name: str, n_params: int, rate: float, questions: list[str], max_new: int,
@@ -133,8 +134,8 @@ def main():
 
     # 1. held-out prompts: the pool the methods spend, and the oracle nobody sees
     held = C.load_problems("arith:test", a.prompts)
-    pool, r_pool, na_pool = sample(held, a.pool, a.seed * 1_000_003 + 11)
-    _, r_oracle, _ = sample(held, a.oracle_k, a.seed * 1_000_003 + 13)
+    pool, r_pool, na_pool = sample(held, a.pool, C.rollout_seed(a.seed, 0, 11))
+    _, r_oracle, _ = sample(held, a.oracle_k, C.rollout_seed(a.seed, 0, 13))
     p_oracle = r_oracle.mean(1)
     lap("sample")
     print(f"sampled {a.prompts} x ({a.pool} + {a.oracle_k}); p(x) mean {p_oracle.mean():.3f} ({times['sample']} s)",
@@ -171,7 +172,7 @@ def main():
 
     # 4. training rollouts of this policy: POISE's probe and PPO's critic learn from the same ones
     train = C.ProblemStream(C.load_problems("arith"), a.seed).take(a.train_prompts)
-    t_roll, t_r, _ = sample(train, 2, a.seed * 1_000_003 + 17)
+    t_roll, t_r, _ = sample(train, 2, C.rollout_seed(a.seed, 0, 17))
     t_flat = [x for g in t_roll for x in g]
     t_batch = C.collate(t_flat, tok.pad_token_id)
     t_feats, _ = poise.features_pass(policy, t_batch, t_flat, tok, pa)
@@ -179,15 +180,12 @@ def main():
                             pa.prompt_pca, pa.response_pca, pa.ridge_alpha)
     g_probe = poise.probe_predict(probe, feats).reshape(a.prompts, a.pool)
     lap("probe")
-    critic = C.ValueModel(copy.deepcopy(policy))
+    critic = ppo.ValueModel(copy.deepcopy(policy))
     opt = C.adamw(critic.parameters(), a.critic_lr)
     ca = ppo.Args(seed=a.seed, minibatch_size=32, micro_batch_size=a.micro)
-    mask, t_rewards = t_batch["response_mask"], torch.tensor(t_r, dtype=torch.float32).flatten()
-    for epoch in range(a.critic_epochs):
-        values = C.critic_values(critic, t_batch, ca.micro_batch_size)  # [B, L]
-        _, returns = C.gae(C.token_rewards(t_rewards, mask), values, mask, ca.gamma, ca.lam)
-        st = C.value_update(critic, opt, t_batch, returns, values, ca, ca.value_clip)
-        print(f"PPO critic epoch {epoch + 1}: value_loss {st['value_loss']:.4f}", flush=True)
+    ppo.fit_critic(critic, opt, t_batch, torch.tensor(t_r, dtype=torch.float32).flatten(), ca, a.critic_epochs,
+                   log=lambda epoch, st: print(f"PPO critic epoch {epoch + 1}: value_loss {st['value_loss']:.4f}",
+                                               flush=True))
     first = C.collate([g[0] for g in pool], tok.pad_token_id)  # V(s_0) reads the prompt only: any rollout will do
     ppo_v = critic_at_start(critic, first, a.micro)
     del critic, opt

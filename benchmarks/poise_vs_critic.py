@@ -5,7 +5,7 @@ critic of the policy's size. Here, for one fixed policy (--model):
   training data  --train-prompts prompts x 2 rollouts, seen by both estimators
   probe          poise.fit_probe on the rows (z_i, t_i) of those rollouts (t_i: the sibling's reward), with
                  poise.py's default features (model.layers[n_layers // 2 + 1], poise.py's spans)
-  critic         ppo.py's critic: common.ValueModel, a copy of the policy with a zero-initialised value head,
+  critic         ppo.py's critic: ppo.ValueModel, a copy of the policy with a zero-initialised value head,
                  trained on the same rollouts with ppo.py's targets (GAE returns, gamma 1, lambda 0.95, values
                  recomputed each pass, clipped value loss, lr 1e-4, mini-batches of 32) for --critic-epochs
   held out       --heldout prompts of arith:test; p(x) from --oracle-k fresh rollouts; the probe predicts from
@@ -61,31 +61,27 @@ def main():
 
     # 1. the training rollouts, shared by both estimators
     train = C.ProblemStream(C.load_problems("arith"), a.seed).take(a.train_prompts)
-    roll, rewards, batch = rollouts(train, a.seed * 1_000_003 + 1)
+    roll, rewards, batch = rollouts(train, C.rollout_seed(a.seed, 0, 1))
     feats, _ = poise.features_pass(policy, batch, roll, tok, pa)
     probe = poise.fit_probe(feats, poise.leave_one_out(rewards).flatten().numpy(), d, pa.prompt_pca,
                             pa.response_pca, pa.ridge_alpha)
     print(f"train: {len(roll)} rollouts, success rate {rewards.mean():.3f}; probe fit ({time.perf_counter() - t0:.0f} s)",
           flush=True)
 
-    critic = C.ValueModel(copy.deepcopy(policy))
+    critic = ppo.ValueModel(copy.deepcopy(policy))
     opt = torch.optim.AdamW(critic.parameters(), lr=a.critic_lr, weight_decay=0.0)
     ca = ppo.Args(seed=a.seed, minibatch_size=32, micro_batch_size=16)
-    mask = batch["response_mask"]
-    for epoch in range(a.critic_epochs):
-        values = C.critic_values(critic, batch, ca.micro_batch_size)  # [B, L]
-        _, returns = C.gae(C.token_rewards(rewards.flatten(), mask), values, mask, ca.gamma, ca.lam)
-        st = C.value_update(critic, opt, batch, returns, values, ca, ca.value_clip)
-        print(f"critic epoch {epoch + 1}: value_loss {st['value_loss']:.4f} ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
+    ppo.fit_critic(critic, opt, batch, rewards.flatten(), ca, a.critic_epochs,
+                   log=lambda epoch, st: print(f"critic epoch {epoch + 1}: value_loss {st['value_loss']:.4f} "
+                                               f"({time.perf_counter() - t0:.0f} s)", flush=True))
 
     # 2. held-out prompts: the Monte-Carlo truth, and each estimator's prediction
     held = C.load_problems("arith:test", a.heldout)
-    p_hat = C.success_rates(sampler, tok, held, a.oracle_k, a.max_new_tokens, a.temperature, seed=a.seed * 7_919 + 5)
-    h_roll, _, h_batch = rollouts(held, a.seed * 1_000_003 + 2)
+    p_hat = C.success_rates(sampler, tok, held, a.oracle_k, a.max_new_tokens, a.temperature, seed=C.second_seed(a.seed, 5))
+    h_roll, _, h_batch = rollouts(held, C.rollout_seed(a.seed, 0, 2))
     h_feats, _ = poise.features_pass(policy, h_batch, h_roll, tok, pa)
     pred = {"probe": poise.probe_predict(probe, h_feats).reshape(len(held), 2).mean(1),
-            "critic": C.critic_values(critic, h_batch, ca.micro_batch_size)[:, 0].view(len(held), 2).mean(1).numpy(),
+            "critic": ppo.critic_values(critic, h_batch, ca.micro_batch_size)[:, 0].view(len(held), 2).mean(1).numpy(),
             "train mean": np.full(len(held), rewards.mean().item())}
     res = {"model": a.model, "train_rollouts": len(roll), "heldout": len(held), "oracle_k": a.oracle_k,
            "heldout_p_mean": float(p_hat.mean()), "seconds": round(time.perf_counter() - t0)}

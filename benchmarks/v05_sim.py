@@ -10,7 +10,7 @@ decides how many rollouts each prompt gets. Compared, all against the true p (0/
   corrupt       sigma-prior, but a share of prompts get the far end (1 if p < 0.5 else 0)
 
     python benchmarks/v05_sim.py                      # the table below
-    python benchmarks/v05_sim.py --plot benchmarks/v05_sim.png        # and the plot in the README
+    python benchmarks/v05_sim.py --plot benchmarks/v05_sim.png        # and the plot in docs/v05.md
     python benchmarks/v05_sim.py --rounds     # generate calls per step of 8 prompts: one at a time vs batched
     python benchmarks/v05_sim.py --size       # the test's exact false-rejection rate per k and p (a right prior)
 """
@@ -60,7 +60,8 @@ def rounds_per_batch(sigma: float, round_max: int, batch: int = 8, batches: int 
         streams = [np.random.default_rng(s) for s in rng.integers(1 << 31, size=batch)]
         res = v05.adaptive_rollouts(lambda counts: [g.random(c) < pi for g, pi, c in zip(streams, p, counts)],
                                     prior, round_max=round_max)
-        rounds.append(res["rounds"]), k.append(res["k"].mean())
+        rounds.append(res["rounds"])
+        k.append(res["k"].mean())
     return {"rounds": float(np.mean(rounds)), "rounds_max": int(np.max(rounds)), "k_mean": float(np.mean(k))}
 
 

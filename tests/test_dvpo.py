@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import common as C
 import dvpo
+import ppo
 from conftest import ROOT
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")
@@ -124,7 +125,7 @@ def test_gvm_all_values_cut_to_the_response_are_the_value_models(tiny_lm, arch):
     lm = tiny_lm if arch == "llama" else GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4,
                                                                      bos_token_id=2, eos_token_id=1)).eval()
     rolls = [C.Rollout(0, [5, 6, 7][: 1 + i % 3], [10 + i, 11, 12][: 1 + i % 3], "", [0.0] * 3, "stop") for i in range(3)]
-    batch, gvm = C.collate(rolls, pad_id=0), C.ValueModel(lm)
+    batch, gvm = C.collate(rolls, pad_id=0), ppo.ValueModel(lm)
     torch.nn.init.normal_(gvm.head.weight, std=0.5)
     v_all = dvpo.gvm_all_values(gvm, batch, micro=2)
     assert v_all.shape == batch["input_ids"].shape
@@ -179,7 +180,7 @@ def test_gvm_update_holds_the_targets_of_a_no_grad_pass_before_the_batch(tiny_lm
              for i in range(5)]
     batch, score = C.collate(rolls, pad_id=0), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
     args = dvpo.Args(micro_batch_size=2, gamma=1.0, gvm_lam=0.9, **structure)
-    a = C.ValueModel(tiny_lm)
+    a = ppo.ValueModel(tiny_lm)
     torch.nn.init.normal_(a.head.weight, std=0.5)  # non-zero values, so the bootstrap matters
     b, head0 = copy.deepcopy(a), a.head.weight.detach().clone()
     oa, ob = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (a, b))  # SGD: the step is the gradient
@@ -188,7 +189,7 @@ def test_gvm_update_holds_the_targets_of_a_no_grad_pass_before_the_batch(tiny_lm
         with torch.no_grad():
             v = b(batch)
         G = dvpo.td_lambda_targets(score, v, batch["response_mask"], args.gamma, 0.9)
-        C.value_update(b, ob, batch, G, v, args, clip=0.0)
+        ppo.value_update(b, ob, batch, G, v, args, clip=0.0)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6), name
     assert not torch.allclose(a.head.weight, head0, atol=1e-3)  # and they did move
@@ -283,6 +284,7 @@ def both_stages(module_dir):
     return out
 
 
+@pytest.mark.slow
 def test_no_subcommand_runs_both_stages(both_stages):
     gvm = both_stages / "gvm"
     meta = json.loads((gvm / "gvm.json").read_text())
@@ -301,6 +303,7 @@ def test_no_subcommand_runs_both_stages(both_stages):
         assert x["rollouts"] == 4 and x["kl"] == 0.0  # rlvr default: no KL, no reference model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["rlvr", "paper"])
 def test_train_keeps_the_gvm_frozen_and_feeds_gae_what_the_variant_says(both_stages, tmp_path, monkeypatch, variant):
     """train() itself, two steps, every rollout scored correct: the GVM it loads gets no gradient, no optimizer
@@ -352,6 +355,7 @@ def test_train_keeps_the_gvm_frozen_and_feeds_gae_what_the_variant_says(both_sta
     assert seen["kl"][1][1] != 0 and seen["kl"][1][0] == controller(*seen["kl"][0])  # step 2: pi moved; beta chained
 
 
+@pytest.mark.slow
 def test_stage_2_resume_continues_exactly(both_stages, tmp_path):
     """Combined run: 2 steps, then --resume to 3 (stage 1 is skipped: finished) = `train --gvm` 3 steps straight."""
     resumed = tmp_path / "resumed"
@@ -368,6 +372,7 @@ def test_stage_2_resume_continues_exactly(both_stages, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_stage_1_resume_continues_exactly(both_stages, tmp_path):
     """Stage 1 for 1 pass with a checkpoint every step, then --resume to 2 passes = the 2-pass GVM above."""
     run("pretrain", *STAGE1, "--gvm-epochs", "1", "--save-every", "1", "--out", str(tmp_path))
@@ -378,6 +383,7 @@ def test_stage_1_resume_continues_exactly(both_stages, tmp_path):
     assert rows(tmp_path / "rollouts.jsonl") == rows(both_stages / "gvm" / "rollouts.jsonl")
 
 
+@pytest.mark.slow
 def test_paper_variant_adapts_beta_and_resumes_exactly(both_stages, tmp_path):
     """The paper's setting runs (KL reward through a reference model) with its adaptive beta, and --resume carries
     beta and the reference (the initial policy) over."""
@@ -411,6 +417,7 @@ def test_pretrain_on_pairs_alone_with_the_official_batch_structure(tmp_path, mon
     assert seen == [(4, 2, 2, 0.95), (2, 2, 2, 0.95)]  # 6 training rows in batches of 4
 
 
+@pytest.mark.slow
 def test_missing_gvm_says_how_to_make_one(tmp_path):
     p = run("train", "--gvm", str(tmp_path / "nope"), "--out", str(tmp_path), check=False)
     assert p.returncode != 0 and "dvpo.py pretrain" in p.stderr

@@ -44,6 +44,7 @@ def two_step_run(module_dir):
     return out
 
 
+@pytest.mark.slow
 def test_two_steps_write_every_metric(two_step_run):
     r = rows(two_step_run)
     assert [x["step"] for x in r] == [0, 1, 2]
@@ -56,6 +57,7 @@ def test_two_steps_write_every_metric(two_step_run):
     assert all(x["baseline_mse"] is not None for x in r[1:])
 
 
+@pytest.mark.slow
 def test_checkpoint_policy_loads_as_a_model(two_step_run):
     """README: `--model OUT/ckpt/policy` continues from a run; the folder must carry the tokenizer too."""
     model, tok, _ = C.load_model(str(two_step_run / "ckpt" / "policy"))
@@ -63,6 +65,7 @@ def test_checkpoint_policy_loads_as_a_model(two_step_run):
     assert torch.equal(model.model.embed_tokens.weight, weights(two_step_run)["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow
 def test_help_documents_every_flag():
     text = run("--help").stdout
     for f in dataclasses.fields(grpo.Args):
@@ -71,12 +74,14 @@ def test_help_documents_every_flag():
         assert f.metadata.get("help"), f"{flag} has no help text"
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(two_step_run, tmp_path):
     run(*TINY, "--oracle-k", "2", "--out", str(tmp_path))
     strip = lambda rs: [{k: v for k, v in x.items() if k not in VOLATILE} for x in rs]  # noqa: E731
     assert strip(rows(tmp_path)) == strip(rows(two_step_run))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--share-prompts"]], ids=["one-pass", "share-prompts"])
 def test_resume_continues_exactly(tmp_path, extra):
     """2 steps + --resume to 4 gives the same metrics and the same weights as 4 steps in one go:
@@ -96,11 +101,14 @@ def test_resume_continues_exactly(tmp_path, extra):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_bench_mode_times_fixed_length_steps():
-    """--bench: every completion is exactly --max-new-tokens long and every row trains (TRL's work), no eval, and
-    the last line is the summary other tools parse."""
-    p = run("--bench", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6",
-            "--data", EASY)
+@pytest.mark.slow
+def test_bench_times_fixed_length_steps():
+    """benchmarks/grpo_step.py: every completion is exactly --max-new-tokens long and every row trains (TRL's
+    work), no eval, and the last line is the summary other tools parse."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grpo_step.py"), "--steps", "2",
+                        "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6", "--data", EASY],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
     last = p.stdout.strip().splitlines()[-1]
     assert last.startswith("bench median_s_per_step=")
     fields = dict(kv.split("=") for kv in last.split()[1:])
@@ -111,11 +119,13 @@ def test_bench_mode_times_fixed_length_steps():
     assert all(x["tokens"] == 2 * 2 * 6 and x["grad_norm"] is not None for x in r)
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     p = run("--resume", "--out", str(tmp_path), check=False)
     assert p.returncode != 0 and "no checkpoint" in p.stderr
 
 
+@pytest.mark.slow
 def test_missing_model_is_a_clear_error(tmp_path):
     p = run("--model", str(tmp_path / "no-such-model"), check=False)
     assert p.returncode != 0 and "no such folder" in p.stderr
@@ -125,6 +135,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
     assert p.returncode != 0 and "--model Qwen3-4B: could not load 'Qwen/Qwen3-4B-Instruct-2507'" in p.stderr
 
 
+@pytest.mark.slow
 def test_malformed_data_fails_fast(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "2"}\n{"question": oops}\n')
@@ -162,7 +173,7 @@ def test_nan_loss_skips_the_step_and_keeps_the_weights(tiny_lm):
     assert any(not torch.equal(before[k], v) for k, v in tiny_lm.state_dict().items())
 
 
-def test_micro_batches_and_skipped_rows_do_not_change_the_gradient(tiny_lm):
+def test_micro_batches_and_skipped_rows_do_not_change_the_gradient(tiny_lm, monkeypatch):
     """Gradient accumulation over micro-batches, skipping the rows whose advantages are all 0, equals one pass
     over the whole mini-batch with every row, for every aggregation."""
     g = torch.Generator().manual_seed(0)
@@ -175,12 +186,16 @@ def test_micro_batches_and_skipped_rows_do_not_change_the_gradient(tiny_lm):
         for mbs, skip in ((5, False), (2, True)):
             tiny_lm.zero_grad()
             opt = torch.optim.SGD(tiny_lm.parameters(), lr=0.0)  # lr 0: keep weights, read the grads
-            C.policy_update(tiny_lm, opt, batch, adv, grpo.Args(micro_batch_size=mbs, loss_agg=agg, max_grad_norm=1e9),
-                            skip_zero_adv=skip)
+            with monkeypatch.context() as m:
+                if not skip:  # every row through forward/backward
+                    m.setattr(C, "rows_without_signal", lambda adv, ref_logp=None: None)
+                C.policy_update(tiny_lm, opt, batch, adv,
+                                grpo.Args(micro_batch_size=mbs, loss_agg=agg, max_grad_norm=1e9))
             grads.append(torch.cat([p.grad.flatten() for p in tiny_lm.parameters() if p.grad is not None]))
         assert torch.allclose(grads[0], grads[1], atol=1e-6), agg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,extra", [
     ("dapo", ["--kl-coef", "0.001", "--epochs", "2", "--minibatch-size", "4", "--dual-clip", "3"]),
     ("drgrpo", ["--data", "arith", "--oracle-k", "2"]),

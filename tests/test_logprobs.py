@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import common as C
+import ppo
 
 
 def make_batch(seed=0, B=5, vocab=300):
@@ -153,10 +154,10 @@ def test_grad_checkpointing_gives_the_same_update_and_returns_to_eval(tiny_lm):
                            logp_chunk=4, eps_low=0.2, eps_high=0.2, dual_clip=0.0, loss_agg="token-mean",
                            max_new_tokens=4, kl_coef=0.0, kl_type="k3", grad_checkpointing=ckpt, autocast="off")
         torch.manual_seed(0)  # the same random head in both runs
-        policy, critic = copy.deepcopy(tiny_lm), C.ValueModel(copy.deepcopy(tiny_lm))
+        policy, critic = copy.deepcopy(tiny_lm), ppo.ValueModel(copy.deepcopy(tiny_lm))
         torch.nn.init.normal_(critic.head.weight, std=0.5)
         C.policy_update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, args)
-        C.value_update(critic, torch.optim.SGD(critic.parameters(), lr=1.0), batch, returns,
+        ppo.value_update(critic, torch.optim.SGD(critic.parameters(), lr=1.0), batch, returns,
                        returns * 0, args, clip=0.0)
         assert not policy.training and not critic.backbone.training  # eval again: the sampler keeps its KV cache
         assert policy.is_gradient_checkpointing == ckpt

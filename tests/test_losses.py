@@ -107,35 +107,6 @@ def test_kl_term_added_to_loss():
     assert st["kl"] == pytest.approx(math.log(2))
 
 
-def test_gae_hand_computed_with_padding():
-    r = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    v = torch.tensor([[0.5, 0.6, 0.7], [0.2, 0.4, 99.0]])  # 99 sits on padding and must not leak
-    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    adv, ret = C.gae(r, v, m, gamma=1.0, lam=1.0)  # A_t = (sum of future rewards) - V_t
-    assert torch.allclose(adv, torch.tensor([[0.5, 0.4, 0.3], [0.8, 0.6, 0.0]]), atol=1e-6)
-    assert torch.allclose(ret, torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]), atol=1e-6)
-    adv, _ = C.gae(r, v, m, gamma=1.0, lam=0.5)
-    # deltas row 0: 0.1, 0.1, 0.3 -> A2 = 0.3, A1 = 0.1 + 0.5*0.3, A0 = 0.1 + 0.5*A1
-    assert torch.allclose(adv[0], torch.tensor([0.225, 0.25, 0.3]), atol=1e-6)
-    # row 1: deltas 0.2, 0.6 (V after the last real token is 0) -> A1 = 0.6, A0 = 0.2 + 0.5*0.6
-    assert torch.allclose(adv[1], torch.tensor([0.5, 0.6, 0.0]), atol=1e-6)
-    adv, _ = C.gae(r, v, m, gamma=0.9, lam=1.0)  # A_t = gamma^(T-1-t) R - V_t for a terminal reward
-    assert torch.allclose(adv[0], torch.tensor([0.81 - 0.5, 0.9 - 0.6, 1.0 - 0.7]), atol=1e-6)
-
-
-def test_gae_telescopes_at_gamma_lambda_one():
-    """gamma = lambda = 1, zero intermediate rewards: A_t = R - V_t for every t, whatever V is."""
-    torch.manual_seed(0)
-    v, m = torch.randn(4, 7), torch.ones(4, 7)
-    m[1, 5:], m[3, 2:] = 0, 0
-    lengths = m.sum(-1).long()
-    R = torch.randn(4)
-    r = torch.zeros(4, 7)
-    r[torch.arange(4), lengths - 1] = R
-    adv, _ = C.gae(r, v, m, 1.0, 1.0)
-    assert torch.allclose(adv, (R[:, None] - v) * m, atol=1e-5)
-
-
 def test_masked_whiten_ignores_padding():
     x = torch.tensor([1.0, 2.0, 3.0, 100.0])
     m = torch.tensor([1.0, 1.0, 1.0, 0.0])
@@ -145,3 +116,35 @@ def test_masked_whiten_ignores_padding():
     assert C.masked_mean(x, m).item() == pytest.approx(2.0)
     w2 = C.masked_whiten(torch.tensor([1.0, 2.0, 3.0, -5.0]), m)  # the padded value changes nothing
     assert torch.allclose(w, w2)
+
+
+def test_rows_without_signal():
+    """Rows whose advantages are all 0 add nothing, so they may skip forward/backward, unless a KL term is in the
+    loss (then every row has a gradient)."""
+    adv = torch.tensor([[0.0, 0.0], [0.0, 0.5], [-1.0, 0.0]])
+    assert C.rows_without_signal(adv).tolist() == [True, False, False]
+    assert C.rows_without_signal(adv, ref_logp=torch.zeros(3, 2)) is None
+
+
+def test_batch_metrics_mean_one_thing_in_every_method():
+    """adv_std is the std over rollouts of one advantage per rollout (ddof 1, as torch.std); a group of one has no
+    spread to measure; ragged groups (V0.5) count each group once."""
+    m = C.batch_metrics([[1.0, 1.0], [0.0, 1.0, 1.0]], torch.tensor([0.0, 0.0, -1.0, 0.5, 0.5]),
+                        torch.tensor([3, 4, 5, 6, 7]), no_answer=2)
+    assert m["adv_std"] == pytest.approx(torch.tensor([0.0, 0.0, -1.0, 0.5, 0.5]).std().item())
+    assert m["frac_reward_zero_std"] == 0.5 and m["rollouts"] == 5 and m["tokens"] == 25
+    assert m["resp_len"] == 5.0 and m["no_answer"] == 2
+    assert C.batch_metrics([[1.0], [0.0]], torch.tensor([0.3, -0.3]), torch.tensor([2, 2]), 0)["frac_reward_zero_std"] is None
+
+
+def test_atomic_file_appears_whole_or_not_at_all(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    with C.atomic_file(p) as tmp:
+        tmp.write_text("a\n")
+        assert not p.exists()  # nothing at the final path while writing
+    assert p.read_text() == "a\n"
+    with pytest.raises(RuntimeError):
+        with C.atomic_file(p) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert p.read_text() == "a\n" and list(tmp_path.iterdir()) == [p]  # the old file, no temporary left

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common as C
+import ppo
 from grpo import group_advantages
 
 
@@ -144,7 +145,7 @@ def test_gae_is_the_discounted_sum_of_td_errors(gamma, lam):
     mask, g = padded(seed=5)
     B, L = mask.shape
     r, v = rand(g, B, L) * mask, rand(g, B, L)
-    adv, ret = C.gae(r, v, mask, gamma, lam)
+    adv, ret = ppo.gae(r, v, mask, gamma, lam)
     for i in range(B):
         n = int(mask[i].sum())
         vn = v[i, :n].tolist() + [0.0]
@@ -159,7 +160,7 @@ def test_token_rewards_on_random_lengths():
     mask, g = padded(seed=7)
     B, L = mask.shape
     score, lp, ref = rand(g, B), rand(g, B, L), rand(g, B, L)
-    r = C.token_rewards(score, mask, lp, ref, beta=0.1)
+    r = ppo.token_rewards(score, mask, lp, ref, beta=0.1)
     for i in range(B):
         n = int(mask[i].sum())
         want = [-0.1 * (lp[i, t] - ref[i, t]).item() + (score[i].item() if t == n - 1 else 0.0) for t in range(n)]
@@ -173,10 +174,10 @@ def test_value_loss_and_explained_variance_match_their_formulas(clip):
     m = mask.bool()
     vc = v_old + (v - v_old).clamp(-clip, clip)
     per = (v - R) ** 2 if clip == 0 else torch.maximum((v - R) ** 2, (vc - R) ** 2)
-    assert C.value_loss(v, v_old, R, mask, clip).item() == pytest.approx(0.5 * per[m].mean().item(), rel=1e-12)
+    assert ppo.value_loss(v, v_old, R, mask, clip).item() == pytest.approx(0.5 * per[m].mean().item(), rel=1e-12)
     ev = 1 - np.var((R - v)[m].numpy()) / np.var(R[m].numpy())
-    assert C.explained_variance(v, R, mask) == pytest.approx(ev, rel=1e-9)
-    assert math.isnan(C.explained_variance(v, torch.ones_like(R), mask))  # constant returns: undefined
+    assert ppo.explained_variance(v, R, mask) == pytest.approx(ev, rel=1e-9)
+    assert math.isnan(ppo.explained_variance(v, torch.ones_like(R), mask))  # constant returns: undefined
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])

@@ -367,6 +367,7 @@ def shipped_v0():
     return v05.V0.load_v0(v05.V0_DEFAULT)
 
 
+@pytest.mark.slow
 def test_fresh_context_leaves_the_prompt_itself_out(shipped_v0):
     """V0 reads the step's other prompts' k_init rates, never a prompt's own (the test compares V with them)."""
     model, bb = shipped_v0
@@ -393,7 +394,7 @@ def test_history_starts_from_the_rows_v0_carries_of_this_policy():
 
 
 def test_no_matching_v0_says_how_to_make_one():
-    with pytest.raises(SystemExit, match="v0.py collect"):
+    with pytest.raises(SystemExit, match="benchmarks/v0_collect.py"):
         v05.v0_checkpoint(v05.Args(model="Qwen3-4B"))
     assert v05.v0_checkpoint(v05.Args()) == v05.V0_DEFAULT
     assert v05.v0_checkpoint(v05.Args(model="Qwen3-4B", v0="runs/mine")) == "runs/mine"
@@ -425,6 +426,7 @@ def replay(logged, k_init, k_max, test="z"):
                                  k_init, k_max, test=test)
 
 
+@pytest.mark.slow
 def test_two_steps_log_the_v05_metrics(v05_run, shipped_v0):
     r = rows(v05_run)
     assert [x["step"] for x in r] == [0, 1, 2]
@@ -458,6 +460,7 @@ def test_two_steps_log_the_v05_metrics(v05_run, shipped_v0):
     assert [y["question"] for y in p if y["step"] > 0] == [q.question for q in grpo_prompts]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(v05_run, tmp_path):
     """1 step + --resume to 2 = 2 steps in one go: weights, optimizer, data cursor and V0's history come back."""
     run(*TINY[:1], "1", *TINY[2:], "--oracle-k", "2", "--out", str(tmp_path))
@@ -472,6 +475,7 @@ def test_resume_continues_exactly(v05_run, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_corrupt_prior_runs_and_reports_where_it_spent(tmp_path):
     run(*TINY[:1], "1", *TINY[2:], "--prior", "corrupt", "--corrupt-frac", "0.5", "--oracle-k", "2",
         "--test", "binomial", "--out", str(tmp_path))
@@ -484,6 +488,7 @@ def test_corrupt_prior_runs_and_reports_where_it_spent(tmp_path):
     assert x["prior_mse"] is not None
 
 
+@pytest.mark.slow
 def test_prior_replay_scores_predictors_on_a_run(tmp_path, capsys):
     """benchmarks/v05_prior_replay.py on a made-up run where the success rate is set by the template level:
     the predictor told the level must beat the context mean by far, V0 shifted to each step's mean rate has no
@@ -517,6 +522,7 @@ def test_prior_replay_scores_predictors_on_a_run(tmp_path, capsys):
         v05_prior_replay.main([str(path), "--history-init", "none", "--only", "context mean"])
 
 
+@pytest.mark.slow
 def test_v05_vs_grpo_pairs_runs_seed_by_seed(tmp_path, capsys):
     def log(name, rows):
         (tmp_path / name).mkdir()
