@@ -7,7 +7,7 @@ the step (the warm-up rows first, if the run had a warm-up), and predicts each o
                 this step's other prompts' k_init rates (leave-one-out, so a prompt's prior never sees its own
                 rollouts)
   v0 history only  V0 on the history alone (v05.py --no-fresh-context)
-  knn           k nearest history rows by cosine similarity of the backbone embedding (v0.knn_baseline)
+  knn           k nearest history rows by cosine similarity of the backbone embedding (v0_eval.knn_baseline)
   context mean  the history's mean rate, the same prior for every prompt
   level mean    (built-in arith data only) the mean rate of the history rows generated from the same
                 template level, shrunk to the context mean with 2 pseudo-rows: a predictor that is told
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common as C  # noqa: E402
 import v0 as V0  # noqa: E402
 import v05  # noqa: E402
+import v0_eval  # noqa: E402
 
 
 def read_run(path) -> dict[int, list[dict]]:
@@ -75,8 +76,8 @@ def predictors(model, bb) -> dict:
 
     out = {"v0": lambda ctx, qs, fresh, final: v05.prior_from_v0(model, bb, ctx, qs, [r for _, r in fresh]),
            "v0 history only": lambda ctx, qs, fresh, final: v05.prior_from_v0(model, bb, ctx, qs),
-           "knn": lambda ctx, qs, fresh, final: V0.knn_baseline(embed([c for c, _ in ctx]), np.array([r for _, r in ctx]),
-                                                                embed(qs)),
+           "knn": lambda ctx, qs, fresh, final: v0_eval.knn_baseline(embed([c for c, _ in ctx]),
+                                                                     np.array([r for _, r in ctx]), embed(qs)),
            "context mean": lambda ctx, qs, fresh, final: np.full(len(qs), np.mean([r for _, r in ctx]))}
     out = {**out, "level mean": level_mean,
            "v0 oracle shift": lambda ctx, qs, fresh, final: shift_to_mean(out["v0"](ctx, qs, fresh, final), np.mean(final))}

@@ -1,5 +1,6 @@
-"""v0.py: the adapter, the loss, the in-context head, the loaders, budget allocation, routing, and every
-subcommand run end to end on a tiny budget."""
+"""v0.py: the adapter, the loss, the in-context head, the loaders, budget allocation; and the programs around it
+(benchmarks/v0_collect.py, v0_eval.py, v0_grpo.py, v0_route.py: their functions, and each run end to end on a tiny
+budget)."""
 import json
 import math
 import subprocess
@@ -14,11 +15,17 @@ import v0
 import v05
 from conftest import ROOT, SHARED
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import v0_eval  # noqa: E402
+import v0_grpo  # noqa: E402
+import v0_route  # noqa: E402
+
 V0_DATA = SHARED / "data" / "v0"
 
 
-def run(*args, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / "v0.py"), *args], capture_output=True, text=True, cwd=ROOT)
+def run(script, *args, check=True):
+    """python SCRIPT ARGS from the repository root (SCRIPT: v0.py or benchmarks/v0_*.py)."""
+    p = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT)
     if check and p.returncode != 0:
         raise AssertionError(p.stdout[-2000:] + p.stderr[-3000:])
     return p
@@ -153,12 +160,12 @@ def test_holdout_removes_prompts_from_every_task():
 
 
 def test_roc_auc_and_knn():
-    assert v0.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
-    assert v0.roc_auc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)  # a tie counts one half
-    assert math.isnan(v0.roc_auc([0.1, 0.2], [1, 1]))
+    assert v0_eval.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert v0_eval.roc_auc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)  # a tie counts one half
+    assert math.isnan(v0_eval.roc_auc([0.1, 0.2], [1, 1]))
     ec = np.array([[1, 0]] * 10 + [[0, 1]] * 10, float)
     yc = np.array([0.9] * 10 + [0.1] * 10)
-    p = v0.knn_baseline(ec, yc, np.array([[1, 0.1], [0.1, 1]]))
+    p = v0_eval.knn_baseline(ec, yc, np.array([[1, 0.1], [0.1, 1]]))
     assert p == pytest.approx([0.9, 0.1])
 
 
@@ -246,15 +253,18 @@ def test_v0_allocation_wastes_fewer_rollouts_than_uniform():
     assert share["v0"] < share["uniform"] - 0.1, share
 
 
-def test_ragged_group_advantages_match_grpo_on_equal_groups():
+def groups_of(*rewards):
+    return [v0_grpo.Group(problem=None, rollouts=[], rewards=torch.tensor(r)) for r in rewards]
+
+
+def test_advantages_of_groups_of_different_sizes_are_grpos_per_group():
     r = torch.tensor([[1.0, 0, 0, 1], [0, 0, 0, 1]])
-    g = torch.arange(2).repeat_interleave(4)
-    assert torch.allclose(v0.ragged_group_advantages(r.flatten(), g), grpo.group_advantages(r).flatten(), atol=1e-6)
+    assert torch.equal(v0_grpo.advantages_per_group(groups_of(*r.tolist())), grpo.group_advantages(r).flatten())
     # ragged: a group of 2 and a group of 3
-    a = v0.ragged_group_advantages(torch.tensor([1.0, 0, 1, 1, 0]), torch.tensor([0, 0, 1, 1, 1]), scale_std=False)
+    a = v0_grpo.advantages_per_group(groups_of([1.0, 0], [1.0, 1, 0]), scale_std=False)
     assert a.tolist() == pytest.approx([0.5, -0.5, 1 / 3, 1 / 3, -2 / 3])
     # scaled, ddof 1: group 0 std sqrt(1/2), group 1 std sqrt(1/3); a group of one gets A = 0
-    a = v0.ragged_group_advantages(torch.tensor([1.0, 0, 1, 1, 0, 1]), torch.tensor([0, 0, 1, 1, 1, 2]))
+    a = v0_grpo.advantages_per_group(groups_of([1.0, 0], [1.0, 1, 0], [1.0]))
     s2, s3 = math.sqrt(0.5) + 1e-6, math.sqrt(1 / 3) + 1e-6
     assert a.tolist() == pytest.approx([0.5 / s2, -0.5 / s2, 1 / 3 / s3, 1 / 3 / s3, -2 / 3 / s3, 0.0], abs=1e-6)
 
@@ -262,13 +272,13 @@ def test_ragged_group_advantages_match_grpo_on_equal_groups():
 def test_route_choice_and_curve():
     p = np.array([[0.5, 0.2, 0.9], [0.6, 0.8, 0.95]])  # policy 1 is better everywhere, and costs more
     costs = np.array([1.0, 3.0])
-    assert v0.route_choice(p, costs, 0.0).tolist() == [1, 1, 1]
-    assert v0.route_choice(p, costs, 0.1).tolist() == [0, 1, 0]  # pay 2 cost units only for a gain > 0.2
-    assert v0.route_choice(p, costs, 10.0).tolist() == [0, 0, 0]
+    assert v0_route.route_choice(p, costs, 0.0).tolist() == [1, 1, 1]
+    assert v0_route.route_choice(p, costs, 0.1).tolist() == [0, 1, 0]  # pay 2 cost units only for a gain > 0.2
+    assert v0_route.route_choice(p, costs, 10.0).tolist() == [0, 0, 0]
     # a difference, not a ratio: p / cost would pick policy 0 here (0.3 > 0.25); 0.5 - 0.2 > 0.3 - 0.1
-    assert v0.route_choice(np.array([[0.3], [0.5]]), np.array([1.0, 2.0]), 0.1).tolist() == [1]
+    assert v0_route.route_choice(np.array([[0.3], [0.5]]), np.array([1.0, 2.0]), 0.1).tolist() == [1]
     truth = np.array([[0.0, 0.5, 1.0], [1.0, 1.0, 0.5]])
-    got = v0.route_curve(p, truth, costs, [0.0, 0.1, 10.0])  # (lambda, mean cost, mean true success)
+    got = v0_route.route_curve(p, truth, costs, [0.0, 0.1, 10.0])  # (lambda, mean cost, mean true success)
     assert np.array(got) == pytest.approx(np.array([(0.0, 3.0, 2.5 / 3), (0.1, 5 / 3, 2 / 3), (10.0, 1.0, 1.5 / 3)]))
 
 
@@ -284,8 +294,8 @@ def test_knn_picks_k_by_leave_one_out():
         yc = np.array(y) / 5
         loo = {j: np.mean((yc[np.argsort(-sim, 1)[:, :j]].mean(1) - yc) ** 2) for j in (5, 10)}
         want = yc[np.argsort(-(ec @ eq[0]))[:k]].mean()
-        assert min(loo, key=loo.get) == k and v0.knn_baseline(ec, yc, eq) == pytest.approx([want])
-    assert v0.context_mean_baseline(yc, 2).tolist() == pytest.approx([30 / 60] * 2)  # the mean (the median is 0.6)
+        assert min(loo, key=loo.get) == k and v0_eval.knn_baseline(ec, yc, eq) == pytest.approx([want])
+    assert v0_eval.context_mean_baseline(yc, 2).tolist() == pytest.approx([30 / 60] * 2)  # the mean (the median is 0.6)
 
 
 def test_episodes_split_each_task_into_queries_and_a_disjoint_context():
@@ -322,13 +332,14 @@ SMALL_MODEL = ["--K", "8", "--e", "6", "--head-dim", "16", "--head-layers", "1",
                "--min-context", "8", "--max-context", "32"]
 
 
+@pytest.mark.slow
 def test_train_then_eval_prints_the_summary_line(small_folder, tmp_path):
     out = tmp_path / "ckpt"
-    run("train", "--data", str(small_folder), "--out", str(out), "--epochs", "2", "--holdout", "0.25", *SMALL_MODEL)
+    run("v0.py", "--data", str(small_folder), "--out", str(out), "--epochs", "2", "--holdout", "0.25", *SMALL_MODEL)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["K"] == 8 and cfg["temperature"] > 0
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
-    p = run("eval", "--ckpt", str(out), "--prompts", str(small_folder / "prompt_dict.json"),
+    p = run("benchmarks/v0_eval.py", "--ckpt", str(out), "--prompts", str(small_folder / "prompt_dict.json"),
             "--context", str(out / "heldout" / "context.jsonl"), "--queries", str(out / "heldout" / "queries.jsonl"))
     last = p.stdout.strip().splitlines()[-1]
     assert last.startswith("overall auc=")
@@ -337,24 +348,25 @@ def test_train_then_eval_prints_the_summary_line(small_folder, tmp_path):
     # the printed numbers, recomputed here: per task, the context is the kept rows minus the query prompts
     prompts = v0.read_prompts(small_folder / "prompt_dict.json")
     ctx, qs = (v0.by_task(v0.read_rows(out / "heldout" / f, prompts)) for f in ("context.jsonl", "queries.jsonl"))
-    model, bb = v0.load_v0(out)
+    model, backbone = v0.load_v0(out)
     se, se_mean, aucs = [], [], []
     for key, q in qs.items():
         c = [r for r in ctx[key] if r["id"] not in {x["id"] for x in q}]
         yc, yq = (np.array([v0.success_rate(r["score"]) for r in rs]) for rs in (c, q))
-        p = v0.predict(model, bb, [prompts[v0.prompt_key(r)] for r in c], yc, [prompts[v0.prompt_key(r)] for r in q])
+        p = v0.predict(model, backbone, [prompts[v0.prompt_key(r)] for r in c], yc, [prompts[v0.prompt_key(r)] for r in q])
         se += list((p - yq) ** 2)
         se_mean += list((yc.mean() - yq) ** 2)
-        aucs.append(v0.roc_auc(p, yq >= 0.5))
+        aucs.append(v0_eval.roc_auc(p, yq >= 0.5))
     assert vals["mse"] == pytest.approx(np.mean(se), abs=1e-4)
     assert vals["baseline_mean_mse"] == pytest.approx(np.mean(se_mean), abs=1e-4)
     assert vals["auc"] == pytest.approx(np.nanmean(aucs), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_train_is_deterministic(small_folder, tmp_path):
     from safetensors.torch import load_file
-    for k in ("a", "b"):
-        run("train", "--data", str(small_folder), "--out", str(tmp_path / k), "--epochs", "1", *SMALL_MODEL)
+    for k, first in (("a", []), ("b", ["train"])):  # `v0.py train ...` (the old subcommand) trains the same
+        run("v0.py", *first, "--data", str(small_folder), "--out", str(tmp_path / k), "--epochs", "1", *SMALL_MODEL)
     wa, wb = load_file(tmp_path / "a" / "v0.safetensors"), load_file(tmp_path / "b" / "v0.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -369,9 +381,10 @@ def test_initial_history_is_the_last_rows_of_the_checkpoints_context(tmp_path):
 
 
 @pytest.mark.parametrize("cls, kw, flag", [
-    (v0.GrpoArgs, {"min_group": 1}, "--min-group"), (v0.GrpoArgs, {"max_group": 3}, "--max-group"),
-    (v0.GrpoArgs, {"alloc": "uniform", "group_size": 1}, "--group-size"), (v0.GrpoArgs, {"history": 0}, "--history"),
-    (v0.GrpoArgs, {"prompts_per_step": 1, "group_size": 2}, "--min-group"),
+    (v0_grpo.GrpoArgs, {"min_group": 1}, "--min-group"), (v0_grpo.GrpoArgs, {"max_group": 3}, "--max-group"),
+    (v0_grpo.GrpoArgs, {"alloc": "uniform", "group_size": 1}, "--group-size"),
+    (v0_grpo.GrpoArgs, {"history": 0}, "--history"),
+    (v0_grpo.GrpoArgs, {"prompts_per_step": 1, "group_size": 2}, "--min-group"),
     (v0.TrainV0Args, {"e": 7}, "--e"), (v0.TrainV0Args, {"min_context": 300}, "--max-context"),
     (v0.TrainV0Args, {"val": 1.0}, "--val"),
 ])
@@ -381,8 +394,16 @@ def test_flags_that_make_no_sense_are_rejected(cls, kw, flag):
     cls()  # the defaults pass
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["v0.py", "benchmarks/v0_collect.py", "benchmarks/v0_eval.py", "benchmarks/v0_grpo.py",
+                                    "benchmarks/v0_route.py"])
+def test_every_v0_program_prints_its_help(script):
+    assert "usage:" in run(script, "--help").stdout  # argparse formats every help string (a bare % would fail)
+
+
+@pytest.mark.slow
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    p = run("eval", "--ckpt", str(tmp_path / "nope"), check=False)
+    p = run("benchmarks/v0_eval.py", "--ckpt", str(tmp_path / "nope"), check=False)
     assert p.returncode != 0 and "not a V0 checkpoint" in p.stderr
 
 
@@ -392,10 +413,10 @@ def test_pretrained_v0_ships_with_its_context(folder):
     assert (ck / "v0.safetensors").stat().st_size < 8 * 2**20  # "a few MB at most"
     config = json.loads((ck / "config.json").read_text())  # the data it was trained on is committed beside it
     assert len(v0.read_rows(ROOT / config["trained_on"] / "context.jsonl")) > config["rows"]  # rows + --val share
-    model, bb = v0.load_v0(ck)
+    model, backbone = v0.load_v0(ck)
     prompts = v0.read_prompts(ck / "prompt_dict.json")
     rows = v0.read_rows(ck / "context.jsonl", prompts)
-    p = v0.predict(model, bb, [prompts[v0.prompt_key(r)] for r in rows], [v0.success_rate(r["score"]) for r in rows],
+    p = v0.predict(model, backbone, [prompts[v0.prompt_key(r)] for r in rows], [v0.success_rate(r["score"]) for r in rows],
                    ["What is 2 + 1?", "What is 47 times 8 minus 5?"])
     assert p[0] > p[1]  # single-digit addition is easier for smollm2 than level-10 arithmetic
 
@@ -403,22 +424,24 @@ def test_pretrained_v0_ships_with_its_context(folder):
 def test_pretrained_v0_reads_a_one_row_context_and_divides_by_its_temperature():
     """A one-row history: the prediction follows its label (features constant on the context are not divided
     by ~1e-4, which drowned the label); predict = softmax(logits / temperature)."""
-    model, bb = v0.load_v0(v0.PRETRAINED)
+    model, backbone = v0.load_v0(v0.PRETRAINED)
     ctx, qs = ["What is 3 + 4?"], ["What is 2 + 1?", "What is 47 times 8 minus 5?", "What is 12 minus 9?"]
-    p1, p0 = (v0.predict(model, bb, ctx, [y], qs) for y in (1.0, 0.0))
+    p1, p0 = (v0.predict(model, backbone, ctx, [y], qs) for y in (1.0, 0.0))
     assert (p1 > 0.8).all() and (p0 < 0.2).all(), (p1, p0)
-    states = bb.encode(ctx + qs)
+    states = backbone.encode(ctx + qs)
     with torch.no_grad():
-        z = model.features(states, bb.pooled(states))
+        z = model.features(states, backbone.pooled(states))
         logits = model(z[:1], torch.tensor([1.0]), z[1:])
-    assert bb.pool == "mean" and torch.equal(bb.pooled(states[:1])[0], states[0].float().mean(0))  # MiniLM's pooling
+    assert backbone.pool == "mean" and torch.equal(backbone.pooled(states[:1])[0], states[0].float().mean(0))  # MiniLM's pooling
     T = model.cfg["temperature"]
     assert T != 1 and p1 == pytest.approx((logits / T).softmax(-1)[:, 1].numpy(), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_collect_writes_rows_in_the_authors_format(tmp_path):
     out = tmp_path / "d" / "context.jsonl"
-    run("collect", "--problems", "3", "--n", "2", "--max-new-tokens", "8", "--sampler", "hf", "--out", str(out))
+    run("benchmarks/v0_collect.py", "--problems", "3", "--n", "2", "--max-new-tokens", "8", "--sampler", "hf",
+        "--out", str(out))
     prompts = v0.read_prompts(out.parent / "prompt_dict.json")
     rows = v0.read_rows(out, prompts)
     assert len(rows) == 3 and {r["model"] for r in rows} == {"smollm2-135m@T0.7"}
@@ -426,9 +449,10 @@ def test_collect_writes_rows_in_the_authors_format(tmp_path):
     assert prompts["arith_0"] == v0.C.arith_problems("train", 1)[0].question
 
 
-def test_grpo_subcommand_logs_allocation_metrics(tmp_path):
+@pytest.mark.slow
+def test_v0_grpo_logs_allocation_metrics(tmp_path):
     out = tmp_path / "run"
-    run("grpo", "--steps", "1", "--prompts-per-step", "2", "--group-size", "4", "--candidates", "2",
+    run("benchmarks/v0_grpo.py", "--steps", "1", "--prompts-per-step", "2", "--group-size", "4", "--candidates", "2",
         "--max-new-tokens", "8", "--eval-problems", "0", "--out", str(out), "--sampler", "hf")
     row = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert row["rollouts"] == 8 and "v0_pred_mse" in row
@@ -437,6 +461,7 @@ def test_grpo_subcommand_logs_allocation_metrics(tmp_path):
     assert (out / "ckpt" / "state.pt").exists()
 
 
+@pytest.mark.slow
 def test_route_from_rows_writes_a_plot(tmp_path):
     rng = np.random.default_rng(0)
     prompts = {f"arith_{i}": q.question for i, q in enumerate(v0.C.arith_problems("train", 40))}
@@ -447,7 +472,8 @@ def test_route_from_rows_writes_a_plot(tmp_path):
                          "model": model, "step": 0, "dataset": "arith"})
     (tmp_path / "prompt_dict.json").write_text(json.dumps(prompts))
     (tmp_path / "context.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run("route", "--rows", str(tmp_path), "--costs", "small=1,large=4", "--out", str(tmp_path / "route"))
+    run("benchmarks/v0_route.py", "--rows", str(tmp_path), "--costs", "small=1,large=4",
+        "--out", str(tmp_path / "route"))
     res = json.loads((tmp_path / "route" / "route.json").read_text())
     assert (tmp_path / "route" / "route.png").stat().st_size > 1000
     assert res["costs"] == [1.0, 4.0] and len(res["curve"]) > 10
