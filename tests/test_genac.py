@@ -295,6 +295,7 @@ def three_stages(module_dir):
     return out
 
 
+@pytest.mark.slow
 def test_no_subcommand_runs_the_three_stages(three_stages):
     sft, pre, joint = (rows(p / "metrics.jsonl") for p in (three_stages / "sft", three_stages / "pretrain", three_stages))
     # stage 1: 3 problems' empty states + at least one later state of each of the 6 rollouts; one epoch of
@@ -322,6 +323,7 @@ def test_no_subcommand_runs_the_three_stages(three_stages):
     assert joint[2]["icc_ema"] == pytest.approx(joint[1]["icc_ema"] * 0.9 + 0.1 * joint[1]["acc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_stage_3_resume_continues_exactly(three_stages, tmp_path):
     critic = str(three_stages / "pretrain" / "ckpt" / "critic")
     run("train", *TINY, "--critic", critic, "--steps", "1", "--oracle-k", "2", "--save-every", "1", "--out", str(tmp_path))
@@ -337,6 +339,7 @@ def test_stage_3_resume_continues_exactly(three_stages, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
+@pytest.mark.slow
 def test_no_icc_prompts_carry_no_actor_facts(tmp_path):
     """--no-icc reaches the prompts the critic is trained on (stage 1 writes them once: check the tokens)."""
     tok = C.load_model("smollm2-135m")[1]
@@ -349,6 +352,7 @@ def test_no_icc_prompts_carry_no_actor_facts(tmp_path):
     assert "Infer how capable" not in without
 
 
+@pytest.mark.slow
 def test_unknown_command_and_bad_flags_are_clear_errors():
     p = run("fit", check=False)
     assert p.returncode != 0 and "unknown command 'fit'" in p.stderr

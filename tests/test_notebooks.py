@@ -82,6 +82,7 @@ def printed(cell) -> str:
                    if o.get("output_type") == "stream" and o.get("name") == "stdout")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["baseline_mse", "gradient_variance"])
 def test_notebook_runs_headless(name, tmp_path, monkeypatch):
     """Each notebook executes top to bottom on the committed data, writes its figures, and raises nothing."""

@@ -296,6 +296,7 @@ class _Tok(TinyTok):
         return [self.decode(s, skip_special_tokens) for s in seqs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", [1, 2])
 def test_features_read_the_output_of_model_layers_at_probe_layer(layer):
     """--probe-layer l reads model.layers[l] (the release's layer_index): transformers' hidden_states[l + 1],
@@ -380,6 +381,7 @@ def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_group_of_one_is_refused(tmp_path):
     p = run("--group-size", "1", "--out", str(tmp_path), check=False)
     assert p.returncode == 2 and "--group-size must be >= 2" in p.stderr and not (tmp_path / "metrics.jsonl").exists()
@@ -392,6 +394,7 @@ def poise_run(module_dir):
     return out
 
 
+@pytest.mark.slow
 def test_three_steps_log_the_poise_metrics(poise_run):
     r = rows(poise_run)
     assert [x["step"] for x in r] == [0, 1, 2, 3]
@@ -407,6 +410,7 @@ def test_three_steps_log_the_poise_metrics(poise_run):
     assert r[3]["grad_norm"] is not None  # a probe baseline in (0, 1) gives every row an advantage
 
 
+@pytest.mark.slow
 def test_the_run_trains_the_probe_on_the_siblings_rewards(poise_run):
     """main's buffer holds t_i, not r_i: with n = 3, t_i = (S - r_i) / 2 for the group's reward sum S, so
     r_i = S - 2 t_i must be 0 or 1 (with r_i stored instead, a group [1, 0, 0] decodes to [-1, 1, 1]); the run
@@ -417,6 +421,7 @@ def test_the_run_trains_the_probe_on_the_siblings_rewards(poise_run):
     assert ((r.min(1) == 0) & (r.max(1) == 1)).any()
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(poise_run, tmp_path):
     """2 steps + --resume to 3 = 3 steps in one go: weights, optimizer, cursor and the probe's buffer come back."""
     run(*TINY[:1], "2", *TINY[2:], "--oracle-k", "2", "--out", str(tmp_path))

@@ -10,7 +10,7 @@ import torch
 import common as C
 from conftest import ROOT
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")]
 TOL = 1e-3  # fp32 on both sides; measured here: ~4e-5
 
 
