@@ -141,8 +141,8 @@ def main(args: GrpoArgs):
         adv = advantages_per_group(groups, args.scale_std)
         informative = len(groups) - int(sum(zero_spread))
         lengths = torch.tensor([len(r.ids) for r in rollouts])  # [B]
-        metrics.update(**C.batch_metrics([g.rewards.tolist() for g in groups], adv, lengths, metrics["no_answer"]),
-                       reward=rewards.mean().item(), acc=rewards.mean().item(),
+        metrics.update(C.batch_metrics([g.rewards.tolist() for g in groups], adv, lengths, metrics["no_answer"]))
+        metrics.update(reward=rewards.mean().item(), acc=rewards.mean().item(),
                        frac_reward_zero_std=float(np.mean(zero_spread)), groups=len(groups),
                        wasted_rollout_frac=float(sum(s for s, z in zip(sizes, zero_spread) if z) / len(rollouts)),
                        rollouts_per_useful_group=len(rollouts) / informative if informative else float("nan"))
