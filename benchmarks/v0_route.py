@@ -1,6 +1,6 @@
 """Route each problem to one of several policies by V0's predicted success rate for its cost; plot accuracy vs cost.
 
-    python benchmarks/v0_route.py --policies smollm2-135m@1.0:1,runs/default:2    # sample both policies
+    python benchmarks/v0_route.py --policies smollm2-135m@1.0:1,runs/grpo/ckpt/policy:2   # sample both policies
     python benchmarks/v0_route.py --rows FOLDER --costs small=1,large=4          # or read measured rows
 
 Each policy m gets its own V0 context: its measured success rates on --context-problems (or, with --rows, half of
