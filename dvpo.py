@@ -69,6 +69,10 @@ import common as C
 import ppo
 from common import arg
 
+# --preset paper (ours, sized to one 80 GB GPU, docs/gpu.md): Qwen3-1.7B against a Qwen3-0.6B GVM (the paper: 3B and
+# 8B policies on several GPUs); the frozen GVM and the KL reference take no optimizer state
+PRESET = C.presets(cpu=dict(steps=16, prompts_per_step=16, gvm_model=""),
+                   paper=dict(model="Qwen3-1.7B", gvm_model="Qwen3-0.6B", prompts_per_step=128, micro_batch_size=1))
 VARIANTS = {  # --variant presets: each sets every field below whose default is None; explicit values win
     "rlvr": {"whiten_values": False, "kl_coef": 0.0, "kl_target": 0.0, "lam": 1.0},
     "paper": {"whiten_values": True, "kl_coef": 0.2, "kl_target": 6.0, "lam": 0.95},  # the official code's
@@ -79,10 +83,8 @@ VARIANTS = {  # --variant presets: each sets every field below whose default is 
 class Args(C.TrainArgs):
     """DVPO: pretrain a global value model (GVM) on scored sequences, then PPO against it frozen."""
     out: str = arg("runs/dvpo", "run folder: metrics.jsonl, checkpoints")
-    PRESETS: ClassVar[dict] = {"variant": VARIANTS}
+    PRESETS: ClassVar[dict] = {"variant": VARIANTS, "preset": PRESET}
     # stage 2: the policy
-    steps: int = arg(16, "stage 2: policy updates (each on a fresh batch of rollouts)")
-    prompts_per_step: int = arg(16, "stage 2: prompts per step")
     group_size: int = arg(1, "stage 2: rollouts per prompt (DVPO needs no groups)")
     variant: str = arg("rlvr", "stage 2 preset of --whiten-values, --kl-coef, --kl-target, --lam (explicit values "
                        "win): rlvr (ours: terminal reward, raw values, lambda 1) or paper (official: KL reward only, "
@@ -95,7 +97,8 @@ class Args(C.TrainArgs):
     lam: float | None = arg(None, "stage 2: GAE lambda")
     whiten_adv: bool = arg(True, "whiten advantages over the batch's real tokens")
     # stage 1: the GVM
-    gvm_model: str = arg("", "GVM backbone: '' starts it from the policy (--model); or a model with its tokenizer")
+    gvm_model: str | None = arg(None, "GVM backbone: '' starts it from the policy (--model); or a model with its "
+                                "tokenizer (default: set by --preset)")
     rollouts: str = arg("", "stage 1: {prompt, response, score} rows to reuse (.jsonl; '': collect OUT/rollouts.jsonl)")
     collect_problems: int = arg(80, "stage 1: problems of --data to collect rollouts on")
     collect_n: int = arg(4, "stage 1: rollouts per problem")
@@ -182,7 +185,7 @@ def collect_rows(sampler, tok, problems: list[C.Problem], n: int, max_new_tokens
     """n rollouts of each problem, scored by the verifier: rows {prompt, response, response_ids, score, finish}."""
     rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], n, max_new_tokens, temperature, seed=seed,
                             desc="collect")
-    correct, _ = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
+    correct, _ = C.score_rollouts(rollouts, problems)
     return [{"prompt": problems[r.prompt_idx].question, "response": r.text, "response_ids": r.ids, "score": s,
              "finish": r.finish, "answer": problems[r.prompt_idx].answer} for r, s in zip(rollouts, correct)]
 
@@ -281,13 +284,13 @@ def pretrain(args: Args) -> Path:
     out = Path(args.out)
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
-    policy, tok, path = C.load_model(args.model, dev, dtype)
+    policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
     rows_file = Path(args.rollouts) if args.rollouts else out / "rollouts.jsonl"
     if not args.rollouts and not (args.resume and rows_file.exists()):
         rows = []
         if args.collect_problems > 0:  # another draw than stage 2's ProblemStream(seed): the GVM is to generalise
             problems = random.Random(args.seed + 1).sample(C.load_problems(args.data), args.collect_problems)
-            sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+            sampler = C.sampler_for(args, policy, tok, path, dtype, problems)
             rows = collect_rows(sampler, tok, problems, args.collect_n, args.max_new_tokens, args.temperature,
                                 seed=C.rollout_seed(args.seed, 0, 17))
             del sampler
@@ -387,7 +390,7 @@ def train(args: Args):
         raise SystemExit("dvpo.py train needs --gvm DIR (a folder written by `python dvpo.py pretrain --out DIR`)")
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
-    policy, tok, path = C.load_model(args.model, dev, dtype)
+    policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
     gvm, _ = load_gvm(args.gvm, tok, dev, dtype)  # frozen: no gradient, no optimizer state, never saved again
     optimizer = C.adamw(policy.parameters(), args.lr)
     parts = {"policy": (policy, optimizer)}
@@ -398,12 +401,13 @@ def train(args: Args):
     if args.resume:
         state = C.load_checkpoint(args.out, parts)
         start, stream.cursor, beta = state["step"], state["extra"]["cursor"], state["extra"]["kl_coef"]
-    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+    frozen = {"GVM": (gvm.config, False), **({"reference": (policy.config, False)} if ref is not None else {})}
+    sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set, others=frozen)
     logger = C.RunLogger(args.out, resume_step=start)
     G, P, mbs = args.group_size, args.prompts_per_step, args.micro_batch_size
 
     if start == 0 and eval_set:
-        logger.log(0, {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)})
+        logger.log(0, {"eval_acc": C.run_eval(sampler, tok, eval_set, args)})
     for step in C.tqdm(range(start + 1, args.steps + 1), desc="dvpo", initial=start, total=args.steps):
         timer, t0 = C.Timer(), time.perf_counter()
         # 1. problems -> rollouts -> verifiable rewards
@@ -411,10 +415,12 @@ def train(args: Args):
             problems = stream.take(P)
             rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
                                     args.temperature, seed=C.rollout_seed(args.seed, step))
-            correct, no_answer = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
+            correct, no_answer = C.score_rollouts(rollouts, problems)
         correct = torch.tensor(correct)  # [B], B = P * G, grouped by prompt
         batch = C.collate(rollouts, tok.pad_token_id, dev)
         mask = batch["response_mask"]
+
+        sampler.sleep()  # GPU: the engine frees its memory for the update (--vllm-sleep)
 
         with timer("time_train"):
             # 2. the method: the frozen GVM's values, per-token rewards, GAE, whitened advantages
@@ -442,7 +448,7 @@ def train(args: Args):
                                        args.kl_target)
 
         rollout_adv = C.masked_mean(adv, mask, -1)  # [B]: a rollout's mean token advantage
-        metrics.update(C.batch_metrics(correct.view(P, G).tolist(), rollout_adv, mask.sum(-1), no_answer),
+        metrics.update(C.batch_metrics(correct.view(P, G).tolist(), rollout_adv, rollouts, no_answer),
                        adv_token_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item())
         if args.oracle_k > 0:  # diagnostic only: the GVM's V(s_0) vs a Monte-Carlo p(x)
             v0 = values[:, 0].view(P, G).mean(-1).cpu().numpy()
@@ -450,7 +456,7 @@ def train(args: Args):
 
         # 4. log, evaluate, checkpoint (the policy only: the GVM never changes)
         if step == args.steps or (args.eval_every and step % args.eval_every == 0):
-            metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+            metrics["eval_acc"] = C.run_eval(sampler, tok, eval_set, args)
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):

@@ -57,6 +57,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -66,17 +67,25 @@ import ppo
 from common import arg
 
 
+# --preset paper (ours, sized to one 80 GB GPU, docs/gpu.md): Qwen3-1.7B with a Qwen3-0.6B critic that reasons for up to
+# 256 tokens every 1024 response tokens (the paper's model sizes and budgets differ)
+PRESET = C.presets(cpu=dict(steps=12, prompts_per_step=16, critic="", segment=24, critic_max_tokens=32),
+                   paper=dict(model="Qwen3-1.7B", critic="Qwen3-0.6B", prompts_per_step=64, segment=1024,
+                              critic_max_tokens=256, micro_batch_size=1))
+
+
 @dataclass
 class Args(C.TrainArgs):
     """GenAC: PPO whose critic is a language model that reasons, then scores 0..10, with In-Context Conditioning."""
     out: str = arg("runs/genac", "run folder: metrics.jsonl, checkpoints")
-    steps: int = arg(12, "stage 3: policy updates")
-    prompts_per_step: int = arg(16, "prompts per step (stages 2 and 3)")
+    PRESETS: ClassVar[dict] = {"preset": PRESET}
     group_size: int = arg(1, "rollouts per prompt (GenAC needs no groups)")
-    critic: str = arg("", "the critic to start from: a model folder (a stage's OUT/ckpt/critic) or name; '' = a "
-                      "copy of --model (zero-shot). With no subcommand each stage passes its critic to the next")
-    segment: int = arg(24, "query the critic every N response tokens (and before the final token)")
-    critic_max_tokens: int = arg(32, "the critic's output length limit (tokens)")
+    critic: str | None = arg(None, "the critic to start from: a model folder (a stage's OUT/ckpt/critic) or name; '' = a "
+                             "copy of --model (zero-shot). With no subcommand each stage passes its critic to the "
+                             "next (default: set by --preset)")
+    segment: int | None = arg(None, "query the critic every N response tokens, and before the final token (default: "
+                              "set by --preset)")
+    critic_max_tokens: int | None = arg(None, "the critic's output length limit in tokens (default: set by --preset)")
     critic_temperature: float = arg(0.7, "the critic's sampling temperature")
     critic_lr: float = arg(2e-5, "critic AdamW learning rate (stages 2 and 3)")
     critic_batch: int = arg(16, "critic answers per REINFORCE step, drawn at random from the step's (0: all)")
@@ -249,7 +258,7 @@ def monte_carlo_states(sampler, tok, problems: list[C.Problem], args) -> tuple[l
     n, m = args.sft_n, args.sft_continuations
     rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], n, args.max_new_tokens, args.temperature,
                             seed=C.rollout_seed(args.seed, 0, 11), desc="sft rollouts")
-    y, _ = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
+    y, _ = C.score_rollouts(rollouts, problems)
     p_empty = np.bincount([r.prompt_idx for r in rollouts], weights=y, minlength=len(problems)) / n
     later = [(r, t, yi) for r, yi in zip(rollouts, y) for t in segment_bounds(len(r.ids), args.segment)[1:]]
     mid = [x for x in later if x[1] < len(x[0].ids) - 1]
@@ -278,7 +287,7 @@ def setup(args: Args, trainable_actor: bool):
     """The actor, the critic (--critic or a copy of the actor), the ICC facts, the running rate its checkpoint holds."""
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
-    policy, tok, path = C.load_model(args.model, dev, dtype)
+    policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
     if not trainable_actor:
         policy.requires_grad_(False)
     if args.critic:
@@ -297,8 +306,8 @@ def setup(args: Args, trainable_actor: bool):
 def sft(args: Args) -> Path:
     """Stage 1: p_MC of rollouts' boundary states -> template traces -> the critic's cross-entropy on their tokens."""
     dev, dtype, policy, tok, path, critic, cpath, _, actor = setup(args, trainable_actor=False)
-    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
     problems = C.ProblemStream(C.load_problems(args.data), args.seed + 1).take(args.sft_problems)  # not stage 3's order
+    sampler = C.sampler_for(args, policy, tok, path, dtype, problems)
     states, p_mc, ema = monte_carlo_states(sampler, tok, problems, args)
     del sampler
     eos = C.eos_ids(critic, tok)[0]
@@ -334,10 +343,10 @@ def sft(args: Args) -> Path:
 def pretrain(args: Args) -> Path:
     """Stage 2, the actor frozen: the critic answers for fresh rollouts' boundary states, REINFORCE steps on R_v."""
     dev, dtype, policy, tok, path, critic, cpath, ema, actor = setup(args, trainable_actor=False)
-    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
-    csampler = C.make_sampler(args.sampler, critic, tok, cpath, dtype, args.seed + 1)
-    optimizer = C.adamw(critic.parameters(), args.critic_lr)
     stream = C.ProblemStream(C.load_problems(args.data), args.seed + 2)
+    sampler = C.sampler_for(args, policy, tok, path, dtype, stream.problems)
+    csampler = C.make_sampler(args.sampler, critic, tok, cpath, dtype, args.seed + 1, args.vllm_memory, 0, args.vllm_sleep)
+    optimizer = C.adamw(critic.parameters(), args.critic_lr)
     logger = C.RunLogger(args.out)
     logger.CONSOLE = ["acc", "critic_mse", "critic_reward", "critic_parse_fail", "time_step"]
     for step in C.tqdm(range(1, args.pretrain_steps + 1), desc="genac pretrain"):
@@ -345,7 +354,7 @@ def pretrain(args: Args) -> Path:
         problems = stream.take(args.prompts_per_step)
         rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], args.group_size, args.max_new_tokens,
                                 args.temperature, seed=C.rollout_seed(args.seed, step))
-        y, _ = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
+        y, _ = C.score_rollouts(rollouts, problems)
         states, _ = states_of(tok, problems, rollouts, y, args)
         v, ok, croll = query_critic(csampler, tok, states, args, actor, ema, seed=C.second_seed(args.seed, step))
         r = torch.tensor([s.outcome for s in states])
@@ -373,13 +382,14 @@ def train(args: Args):
     if args.resume:
         state = C.load_checkpoint(args.out, parts)
         start, stream.cursor, ema = state["step"], state["extra"]["cursor"], state["extra"]["ema"]
-    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
-    csampler = C.make_sampler(args.sampler, critic, tok, cpath, dtype, args.seed + 1)
+    sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set,
+                            others={"critic": (critic.config, True)}, engines=2)  # the critic samples with its own
+    csampler = C.make_sampler(args.sampler, critic, tok, cpath, dtype, args.seed + 1, args.vllm_memory, 0, args.vllm_sleep)
     logger = C.RunLogger(args.out, resume_step=start)
     G, P = args.group_size, args.prompts_per_step
 
     if start == 0 and eval_set:
-        logger.log(0, {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)})
+        logger.log(0, {"eval_acc": C.run_eval(sampler, tok, eval_set, args)})
     for step in C.tqdm(range(start + 1, args.steps + 1), desc="genac", initial=start, total=args.steps):
         timer, t0 = C.Timer(), time.perf_counter()
         # 1. problems -> rollouts -> verifiable rewards
@@ -387,7 +397,7 @@ def train(args: Args):
             problems = stream.take(P)
             rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
                                     args.temperature, seed=C.rollout_seed(args.seed, step))
-            correct, no_answer = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
+            correct, no_answer = C.score_rollouts(rollouts, problems)
         batch = C.collate(rollouts, tok.pad_token_id, dev)
         mask, L = batch["response_mask"], batch["response_ids"].shape[1]
 
@@ -405,6 +415,8 @@ def train(args: Args):
             adv = C.masked_whiten(adv, mask)
 
         # 3. the actor's clipped update, then the critic's REINFORCE step on the fresh outcomes
+        sampler.sleep()  # GPU: the engines free their memory for the update (--vllm-sleep)
+        csampler.sleep()
         with timer("time_train"):
             metrics.update(C.policy_update(policy, optimizer, batch, adv, args))
             sampler.sync_weights(policy)
@@ -416,7 +428,7 @@ def train(args: Args):
         ema = args.icc_ema * ema + (1 - args.icc_ema) * float(np.mean(correct))
 
         rollout_adv = C.masked_mean(adv, mask, -1)  # [B]: a rollout's mean token advantage
-        metrics.update(C.batch_metrics(torch.tensor(correct).view(P, G).tolist(), rollout_adv, mask.sum(-1), no_answer),
+        metrics.update(C.batch_metrics(torch.tensor(correct).view(P, G).tolist(), rollout_adv, rollouts, no_answer),
                        adv_token_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item())
         if args.oracle_k > 0:  # diagnostic only: the critic's value of the empty state vs a Monte-Carlo p(x)
             v0 = torch.tensor([vs[0] for vs in per_rollout(v, bounds)]).view(P, G).mean(-1).numpy()
@@ -424,7 +436,7 @@ def train(args: Args):
 
         # 4. log, evaluate, checkpoint
         if step == args.steps or (args.eval_every and step % args.eval_every == 0):
-            metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+            metrics["eval_acc"] = C.run_eval(sampler, tok, eval_set, args)
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):

@@ -50,6 +50,8 @@ import torch
 import common as C
 from common import arg
 
+# --preset paper (PAPERS.md): G 16, mini-batches of 32 prompts; 64 prompts a step, not 512 (one GPU, ours)
+PRESET = C.presets(cpu=dict(group_size=4), paper=dict(group_size=16, minibatch_size=32 * 16))
 VARIANTS = {  # --variant presets: each sets every field below whose default is None; explicit values win
     "grpo": dict(scale_std=True, loss_agg="seq-mean-token-mean", eps_high=0.2, dynamic_sampling=False, overlong_buffer=0.0),
     "drgrpo": dict(scale_std=False, loss_agg="seq-mean-token-sum-norm", eps_high=0.2, dynamic_sampling=False,
@@ -62,11 +64,11 @@ VARIANTS = {  # --variant presets: each sets every field below whose default is 
 class Args(C.TrainArgs):
     """GRPO / Dr.GRPO / DAPO: group-mean baselines, no critic."""
     out: str = arg("runs/grpo", "run folder: metrics.jsonl, checkpoints")
-    PRESETS: ClassVar[dict] = {"variant": VARIANTS}
+    PRESETS: ClassVar[dict] = {"variant": VARIANTS, "preset": PRESET}
     variant: str = arg("grpo", "preset: grpo (std-normalised, seq-mean-token-mean), drgrpo (no std, token sum / "
                        "max length), dapo (clip-higher 0.28, token-mean, dynamic sampling, overlong shaping)",
                        choices=list(VARIANTS))
-    group_size: int = arg(4, "G: rollouts per prompt")
+    group_size: int | None = arg(None, "G: rollouts per prompt (default: set by --preset)")
     scale_std: bool | None = arg(None, "divide the advantage by the group std (GRPO) or not (Dr.GRPO); None: "
                                  "set by --variant")
     dynamic_sampling: bool | None = arg(None, "DAPO: drop zero-std groups and resample prompts to refill the batch; "
@@ -158,7 +160,7 @@ def sample_groups(sampler, tok, problems, G, args, seed) -> Groups:
     """Generate G rollouts per problem and score them."""
     rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
                                 args.temperature, seed=seed)
-    correct, no_answer = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
+    correct, no_answer = C.score_rollouts(rollouts, problems)
     N = len(problems)
     lengths = torch.tensor([len(r.ids) for r in rollouts]).view(N, G)
     return Groups(problems, rollouts, torch.tensor(correct).view(N, G), lengths, no_answer)
@@ -167,7 +169,7 @@ def sample_groups(sampler, tok, problems, G, args, seed) -> Groups:
 def main(args: Args):
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
-    policy, tok, path = C.load_model(args.model, dev, dtype)
+    policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
     optimizer = C.adamw(policy.parameters(), args.lr)
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)
@@ -177,13 +179,13 @@ def main(args: Args):
     if args.resume:
         state = C.load_checkpoint(args.out, {"policy": (policy, optimizer)})
         start, stream.cursor = state["step"], state["extra"]["cursor"]
-    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+    sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set)
     logger = C.RunLogger(args.out, resume_step=start)
     G, P = args.group_size, args.prompts_per_step
     buffer = int(args.overlong_buffer * args.max_new_tokens)
 
     if start == 0 and eval_set:
-        logger.log(0, {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)})
+        logger.log(0, {"eval_acc": C.run_eval(sampler, tok, eval_set, args)})
     for step in C.tqdm(range(start + 1, args.steps + 1), desc="grpo", initial=start, total=args.steps):
         timer, t0 = C.Timer(), time.perf_counter()
         # 1. problems -> G rollouts each -> verifiable rewards (DAPO: keep resampling until the batch is full)
@@ -205,7 +207,7 @@ def main(args: Args):
         adv = group_advantages(rewards, args.scale_std)  # [N, G]
         metrics = {"reward": rewards.mean().item() if len(problems) else float("nan"),
                    "acc": correct.mean().item() if len(problems) else float("nan"),
-                   **C.batch_metrics(correct.tolist(), adv.flatten(), lengths.flatten(), spent.no_answer),
+                   **C.batch_metrics(correct.tolist(), adv.flatten(), rollouts, spent.no_answer),
                    # what the step spent, dynamic sampling's discarded groups included
                    "frac_reward_zero_std": (~informative_groups(spent.correct)).float().mean().item(),
                    "rollouts": len(spent.rollouts), "tokens": int(spent.lengths.sum()), "groups": len(problems)}
@@ -214,6 +216,7 @@ def main(args: Args):
                                                  seed=C.second_seed(args.seed, step)))
 
         # 3. policy update with the clipped surrogate
+        sampler.sleep()  # GPU: the engine frees its memory for the update (--vllm-sleep)
         with timer("time_train"):
             if len(problems):
                 batch = C.collate(rollouts, tok.pad_token_id, dev)
@@ -225,7 +228,7 @@ def main(args: Args):
 
         # 4. log, evaluate, checkpoint
         if step == args.steps or (args.eval_every and step % args.eval_every == 0):
-            metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+            metrics["eval_acc"] = C.run_eval(sampler, tok, eval_set, args)
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):

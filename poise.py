@@ -71,12 +71,12 @@ Choices that are ours, not the paper's
   - A group with a non-finite feature (a bf16 overflow on a GPU, say) stays out of the buffer, where it would
     break every later refit, and takes RLOO's baseline this step (finite_groups, probe_or_rloo); counted in
     nonfinite_groups.
-  - --preset cpu (the default): 8 prompts x 2 rollouts, one optimizer step per batch, temperature 0.7, lr 3e-5,
-    clip 0.2 / 0.2 without dual-clip, 20 steps: common.TrainArgs' CPU defaults, chosen for the 135M model on 2 cores.
+  - --preset cpu (the default without a GPU): 8 prompts x 2 rollouts, one optimizer step per batch, temperature
+    0.7, lr 3e-5, clip 0.2 / 0.2 without dual-clip, 20 steps: common.CPU, chosen for the 135M model on 2 cores.
     --preset paper: the release's 256 prompts x 2, mini-batches of 64 rollouts (32 prompts), temperature 1,
-    lr 1e-6, clip 0.2 / 0.28, dual-clip 10. Both: 1 epoch, token-mean, no KL, grad clip 1.0. Neither sets the
-    model, --max-new-tokens (the release: 8192), --steps (200), the release's AdamW weight decay 0.01 and
-    10-step lr warm-up (no flags here), nor its sampled evaluation (temperature 0.6, top-p 0.95; ours greedy).
+    lr 1e-6, clip 0.2 / 0.28, dual-clip 10, 8192 tokens, Qwen3-4B (common.PAPER, docs/gpu.md). Both: 1 epoch,
+    token-mean, no KL, grad clip 1.0. Neither sets the release's AdamW weight decay 0.01 and 10-step lr warm-up
+    (no flags here), nor its sampled evaluation (temperature 0.6, top-p 0.95; ours mean@16 at temperature 1).
 """
 from __future__ import annotations
 
@@ -91,10 +91,9 @@ import torch
 import common as C
 from common import arg
 
-SETTINGS = {  # --preset: sets every field below whose default is None; explicit values win
-    "cpu": dict(prompts_per_step=8, temperature=0.7, lr=3e-5, eps_high=0.2, dual_clip=0.0, minibatch_size=0),
-    "paper": dict(prompts_per_step=256, temperature=1.0, lr=1e-6, eps_high=0.28, dual_clip=10.0, minibatch_size=64),
-}
+SETTINGS = C.presets(  # --preset: the shared values (common.CPU, common.PAPER) and these
+    cpu=dict(eps_high=0.2, dual_clip=0.0),
+    paper=dict(prompts_per_step=256, eps_high=0.28, dual_clip=10.0, minibatch_size=64))
 
 
 @dataclass
@@ -102,17 +101,9 @@ class Args(C.TrainArgs):
     """POISE: a ridge probe on the policy's hidden states and entropies, cross-rollout baseline, no critic."""
     out: str = arg("runs/poise", "run folder: metrics.jsonl, checkpoints")
     PRESETS: ClassVar[dict] = {"preset": SETTINGS}
-    preset: str = arg("cpu", "cpu: the CPU default run (ours); paper: the release's RL settings (256 prompts x 2, "
-                      "mini-batches of 64 rollouts, temperature 1, lr 1e-6, clip 0.2/0.28, dual-clip 10)",
-                      choices=list(SETTINGS))
-    prompts_per_step: int | None = arg(None, "prompts per step, each gets --group-size rollouts (default: set by "
-                                       "--preset)")
-    temperature: float | None = arg(None, "sampling temperature of the training rollouts (default: set by --preset)")
-    lr: float | None = arg(None, "AdamW learning rate (default: set by --preset)")
     eps_high: float | None = arg(None, "PPO clip: ratio upper bound 1 + eps_high (default: set by --preset)")
     dual_clip: float | None = arg(None, "dual-clip constant c for negative advantages, 0: off (default: set by "
                                   "--preset)")
-    minibatch_size: int | None = arg(None, "rollouts per optimizer step, 0: the whole batch (default: set by --preset)")
     group_size: int = arg(2, "n: rollouts per prompt (>= 2; the release uses 2)")
     probe_layer: int = arg(-1, "the probe reads the output of model.layers[l], counted from 0 as the release's "
                            "layer_index (19 on Qwen3-4B); -1: min(n_layers // 2 + 1, n_layers - 1) (ours)")
@@ -366,7 +357,7 @@ def pearson(a, b) -> float:
 def main(args: Args):
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
-    policy, tok, path = C.load_model(args.model, dev, dtype)
+    policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
     try:
         args.probe_layer = probe_layer_index(args.probe_layer, len(policy.get_decoder().layers))
     except ValueError as e:
@@ -383,12 +374,12 @@ def main(args: Args):
     fit = lambda: fit_probe(buf_X, buf_y, d, args.prompt_pca, args.response_pca, args.ridge_alpha)  # noqa: E731
     if start >= args.warmup_steps and buf_y is not None and len(buf_y):
         probe = fit()  # closed form on the saved buffer: the same probe the run had
-    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+    sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set)
     logger = C.RunLogger(args.out, resume_step=start)
     n, P = args.group_size, args.prompts_per_step
 
     if start == 0 and eval_set:
-        logger.log(0, {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)})
+        logger.log(0, {"eval_acc": C.run_eval(sampler, tok, eval_set, args)})
     for step in C.tqdm(range(start + 1, args.steps + 1), desc="poise", initial=start, total=args.steps):
         timer, t0 = C.Timer(), time.perf_counter()
         # 1. problems -> n rollouts each -> verifiable rewards
@@ -396,7 +387,7 @@ def main(args: Args):
             problems = stream.take(P)
             rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], n, args.max_new_tokens,
                                     args.temperature, seed=C.rollout_seed(args.seed, step))
-            correct, no_answer = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
+            correct, no_answer = C.score_rollouts(rollouts, problems)
         rewards = torch.tensor(correct).view(P, n)  # [N, n], rollouts grouped by prompt
 
         # 2. the forward pass: features z_i (and log pi_old), then the probe from before this step's refit
@@ -407,7 +398,7 @@ def main(args: Args):
         adv, g, targets, ok, new_rows = cross_rollout_step(rewards, feats, probe, use_probe)  # A, g, t_i: [N, n]
         baseline = rewards - adv
         metrics = {"reward": rewards.mean().item(), "acc": rewards.mean().item(),
-                   **C.batch_metrics(rewards.tolist(), adv.flatten(), batch["response_mask"].sum(-1), no_answer),
+                   **C.batch_metrics(rewards.tolist(), adv.flatten(), rollouts, no_answer),
                    "probe_used": float(use_probe), "nonfinite_groups": int((~ok).sum())}
         metrics.update(probe_r=pearson(g.flatten(), targets.flatten()) if g is not None else None,
                        probe_mae=float((g - targets).abs().mean()) if g is not None else None)
@@ -427,6 +418,7 @@ def main(args: Args):
         metrics["buffer_rows"] = len(buf_y)
 
         # 4. policy update with the clipped surrogate (the features pass's log-probs are pi_old)
+        sampler.sleep()  # GPU: the engine frees its memory for the update (--vllm-sleep)
         with timer("time_train"):
             adv_tok = adv.flatten()[:, None].to(dev) * batch["response_mask"]  # [B, L]
             metrics.update(C.policy_update(policy, optimizer, batch, adv_tok, args, old_logp=old_logp))
@@ -434,7 +426,7 @@ def main(args: Args):
 
         # 5. log, evaluate, checkpoint
         if step == args.steps or (args.eval_every and step % args.eval_every == 0):
-            metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+            metrics["eval_acc"] = C.run_eval(sampler, tok, eval_set, args)
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):

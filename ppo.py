@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import ClassVar
 from dataclasses import dataclass
 
 import torch
@@ -51,18 +52,24 @@ import common as C
 from common import arg
 
 
+# --preset paper (ours, sized to one 80 GB GPU, docs/gpu.md): a 4B policy's float32 weights and AdamW states
+# (64 GB) leave no room for a critic, so Qwen3-1.7B learns beside a Qwen3-0.6B critic (same tokenizer)
+PRESET = C.presets(cpu=dict(steps=15, prompts_per_step=32, critic_model="", critic_lr=1e-4),
+                   paper=dict(model="Qwen3-1.7B", critic_model="Qwen3-0.6B", critic_lr=1e-5, prompts_per_step=128,
+                              micro_batch_size=1))
+
+
 @dataclass
 class Args(C.TrainArgs):
     """PPO: learned critic (value head), GAE, clipped policy and value losses."""
     out: str = arg("runs/ppo", "run folder: metrics.jsonl, checkpoints")
-    steps: int = arg(15, "policy updates (each on a fresh batch of rollouts)")
-    prompts_per_step: int = arg(32, "prompts per step")
+    PRESETS: ClassVar[dict] = {"preset": PRESET}
     group_size: int = arg(1, "rollouts per prompt (PPO needs no groups; raise it to compare with GRPO)")
     gamma: float = arg(1.0, "discount gamma")
     lam: float = arg(0.95, "GAE lambda")
-    critic_model: str = arg("", "critic backbone: '' copies the policy (the usual, costly choice); or a smaller "
-                            "model with the same tokenizer (name or folder, as --model)")
-    critic_lr: float = arg(1e-4, "critic AdamW learning rate")
+    critic_model: str | None = arg(None, "critic backbone: '' copies the policy (the usual, costly choice); or a "
+                                   "smaller model with the same tokenizer, as --model (default: set by --preset)")
+    critic_lr: float | None = arg(None, "critic AdamW learning rate (default: set by --preset)")
     value_clip: float = arg(0.2, "value-loss clip range c (0: plain squared error)")
     critic_warmup: int = arg(1, "first steps in which only the critic trains")
     whiten_adv: bool = arg(True, "whiten advantages over the batch's real tokens")
@@ -191,7 +198,7 @@ def fit_critic(critic, optimizer, batch: dict, scores, args, epochs: int, log=No
 def main(args: Args):
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
-    policy, tok, path = C.load_model(args.model, dev, dtype)
+    policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
     if args.critic_model:
         critic_lm, critic_tok, _ = C.load_model(args.critic_model, dev, dtype)
         if critic_tok.get_vocab() != tok.get_vocab():
@@ -211,12 +218,13 @@ def main(args: Args):
     if args.resume:
         state = C.load_checkpoint(args.out, parts)
         start, stream.cursor = state["step"], state["extra"]["cursor"]
-    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+    sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set,
+                            others={"critic": (critic.config, True)})  # the plan counts the critic's memory
     logger = C.RunLogger(args.out, resume_step=start)
     G, P, mbs = args.group_size, args.prompts_per_step, args.micro_batch_size
 
     if start == 0 and eval_set:
-        logger.log(0, {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)})
+        logger.log(0, {"eval_acc": C.run_eval(sampler, tok, eval_set, args)})
     for step in C.tqdm(range(start + 1, args.steps + 1), desc="ppo", initial=start, total=args.steps):
         timer, t0 = C.Timer(), time.perf_counter()
         # 1. problems -> rollouts -> verifiable rewards
@@ -224,10 +232,12 @@ def main(args: Args):
             problems = stream.take(P)
             rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
                                     args.temperature, seed=C.rollout_seed(args.seed, step))
-            correct, no_answer = C.score([r.text for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
+            correct, no_answer = C.score_rollouts(rollouts, problems)
         correct = torch.tensor(correct)  # [B], B = P * G, grouped by prompt
         batch = C.collate(rollouts, tok.pad_token_id, dev)
         mask = batch["response_mask"]
+
+        sampler.sleep()  # GPU: the engine frees its memory for the update (--vllm-sleep)
 
         with timer("time_train"):
             # 2. the method: critic values, per-token rewards, GAE, whitened advantages
@@ -254,7 +264,7 @@ def main(args: Args):
                 metrics["kl"] = C.masked_mean(old_logp - ref_logp, mask).item()
 
         rollout_adv = C.masked_mean(adv, mask, -1)  # [B]: a rollout's mean token advantage
-        metrics.update(C.batch_metrics(correct.view(P, G).tolist(), rollout_adv, mask.sum(-1), no_answer),
+        metrics.update(C.batch_metrics(correct.view(P, G).tolist(), rollout_adv, rollouts, no_answer),
                        adv_token_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item())
         if args.oracle_k > 0:  # diagnostic only: the critic's V(s_0) vs a Monte-Carlo p(x)
             v0 = values[:, 0].view(P, G).mean(-1).cpu().numpy()  # same prompt, same state s_0
@@ -262,7 +272,7 @@ def main(args: Args):
 
         # 4. log, evaluate, checkpoint
         if step == args.steps or (args.eval_every and step % args.eval_every == 0):
-            metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+            metrics["eval_acc"] = C.run_eval(sampler, tok, eval_set, args)
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):

@@ -66,6 +66,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ COST = 0.0039  # c, on the +-1 reward scale: about 1/16^2
 class Args(C.TrainArgs):
     """V0.5: GRPO-style training where the baseline fuses V0's prior with k >= k_init rollouts per prompt."""
     out: str = arg("runs/v05", "run folder: metrics.jsonl, checkpoints")
-    steps: int = arg(8, "policy updates (each on a fresh batch of prompts)")
+    PRESETS: ClassVar[dict] = {"preset": C.presets(cpu=dict(steps=8))}  # paper: k_init 4, k_max 16 as below
     k_init: int = arg(4, "rollouts every prompt gets before the test")
     k_max: int = arg(16, "rollouts a prompt can get at most")
     cost: float = arg(COST, "c: buy one more rollout while R(k+1) < R(k), i.e. the MSE drop exceeds c (+-1 scale)")
@@ -252,21 +253,74 @@ def v05_advantages(rewards: torch.Tensor, group: torch.Tensor, mu: torch.Tensor,
     return adv
 
 
+V0_GENERALIST = "pretrained/v0-generalist"  # committed; v0.py trained on the V0 authors' rows (NOTICE, docs/v0.md)
+GENERALIST_FAMILY = "qwen"  # the policies behind its rows: Qwen3-4B-Instruct and DeepSeek-R1-Distill-Qwen-1.5B
+
+
 def v0_checkpoint(args: Args) -> str:
-    """--v0 auto: the shipped V0 when its collected rows name --model; otherwise say how to make one."""
-    if args.v0 != "auto":
-        return args.v0
-    folder = V0.v0_folder(V0_DEFAULT)
-    trained_for = {r["model"].split("@")[0] for r in V0.read_rows(folder / "context.jsonl")}
-    if args.model not in trained_for:
-        raise SystemExit(
-            f"--model {args.model}: no V0 was trained for this policy (the shipped {V0_DEFAULT} was trained for "
-            f"{', '.join(sorted(trained_for))}). Make one, then pass --v0:\n"
-            f"  python benchmarks/v0_collect.py --model {args.model} --data {args.data} --out data/v0_mine/context.jsonl\n"
-            f"  python v0.py --data data/v0_mine --out runs/v0_mine\n"
-            f"  python v05.py --model {args.model} --v0 runs/v0_mine\n"
-            "or run without V0: --prior constant (a fixed prior; the test then decides everything).")
-    return V0_DEFAULT
+    """--v0 auto: the arith V0 (V0_DEFAULT) when its rows name --model, otherwise the generalist (V0_GENERALIST,
+    v0.py trained on the V0 authors' rows of two Qwen policies). An explicit --v0 must be a V0 checkpoint."""
+    if args.v0 == "auto":
+        arith = {r["model"].split("@")[0] for r in V0.read_rows(V0.v0_folder(V0_DEFAULT) / "context.jsonl")}
+        return V0_DEFAULT if args.model in arith else V0_GENERALIST
+    folder = V0.v0_folder(args.v0)
+    if not (folder / "config.json").exists() or not (folder / "v0.safetensors").exists():
+        raise SystemExit(f"--v0 {args.v0}: not a V0 checkpoint (needs config.json and v0.safetensors; make one with "
+                         "`python v0.py`), or pass --v0 auto")
+    return args.v0
+
+
+def rows_name(model: str, names) -> str | None:
+    """The rows' name for --model, among names (the V0 authors' rows name a model: 'Qwen3-4B-Instruct'). An alias
+    becomes its hub id (Qwen3-4B -> Qwen/Qwen3-4B-Instruct-2507); a hub id's or folder's last part matches a name
+    regardless of case, or a name plus a release suffix ('Qwen3-4B-Instruct-2507'). -> the longest match, or None"""
+    base = Path(C.MODEL_ALIASES.get(model, model).rstrip("/")).name.lower()
+    fits = [n for n in names if base == n.lower() or base.startswith(n.lower() + "-")]
+    return max(fits, key=len) if fits else None
+
+
+def family_seen(model: str, family: str = GENERALIST_FAMILY) -> bool:
+    """Whether --model is of the family: a folder's config.json model_type (qwen2, qwen3) says, else the name's last
+    part (an alias resolved to its hub id)."""
+    cfg = Path(model) / "config.json"
+    text = json.loads(cfg.read_text()).get("model_type", "") if cfg.exists() else C.MODEL_ALIASES.get(model, model)
+    return family in Path(text).name.lower()
+
+
+def v0_start(args: Args) -> dict:
+    """Where the prior starts (--prior v0): the checkpoint (v0_checkpoint) and, with --history-init auto, its rows
+    of --model: our rows name a policy at a temperature (f"{model}@T0.7"), the authors' a model (rows_name). Ours:
+    of those, the earliest training step's (the authors' GRPO step 16, of 16, 64 and 256: the nearest their rows
+    come to an untrained policy). No rows: the history starts empty, and V0 then reads this step's k_init rates
+    (--fresh-context, whatever the flag says: they are all it has). A warning when the generalist never saw --model's
+    family. -> dict(ckpt, history [(question, success rate)], fresh_context, line (to print), warning or None)"""
+    ckpt = v0_checkpoint(args)
+    why = "--v0" if args.v0 != "auto" else ("auto: its rows name --model" if ckpt == V0_DEFAULT else
+                                             "auto: the generalist, trained on the V0 authors' rows")
+    if args.history_init == "auto":
+        path = V0.v0_folder(ckpt) / "context.jsonl"
+        rows = V0.read_rows(path) if path.exists() else []
+        names = {r["model"] for r in rows}
+        label = f"{args.model}@T{args.temperature:g}"
+        name = label if label in names else rows_name(args.model, names)
+        step = min((r["step"] for r in rows if r["model"] == name), default=None)
+        history = V0.initial_history(ckpt, "auto", args.history, name, step) if name else []
+        at = f" at --temperature {args.temperature:g}" if any("@" in n for n in names) else ""
+        source = f"{len(history)} of its rows of {name} (step {step})" if history else \
+            f"no rows (V0 carries none of --model {args.model}{at})"
+    else:
+        history = V0.initial_history(ckpt, args.history_init, args.history)
+        source = f"{len(history)} rows of --history-init {args.history_init}"
+    fresh = args.fresh_context or not history
+    warning = None
+    if V0.v0_folder(ckpt).resolve() == V0.v0_folder(V0_GENERALIST).resolve() and not family_seen(args.model):
+        seen = sorted({r["model"] for r in V0.read_rows(V0.v0_folder(V0_GENERALIST) / "context.jsonl")})
+        warning = (f"V0 never saw a policy of --model {args.model}'s family (its rows: {', '.join(seen)}); its prior "
+                   "may be far off, and the test then buys more rollouts. A V0 for this policy: docs/v0.md "
+                   "(benchmarks/v0_collect.py, then v0.py; pass it as --v0)")
+    line = (f"v05: V0 {ckpt} ({why}); the history starts with {source}"
+            + ("; V0 also reads this step's k_init rates" if fresh else ""))
+    return dict(ckpt=ckpt, history=history, fresh_context=fresh, line=line, warning=warning)
 
 
 def prior_from_v0(model, backbone, history: list[tuple[str, float]], questions: list[str], fresh=None,
@@ -353,7 +407,7 @@ def main(args: Args):
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     v0model, backbone = V0.load_v0(v0_checkpoint(args)) if args.prior == "v0" else (None, None)
-    policy, tok, path = C.load_model(args.model, dev, dtype)
+    policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
     optimizer = C.adamw(policy.parameters(), args.lr)
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)
@@ -361,18 +415,20 @@ def main(args: Args):
     if args.resume:
         state = C.load_checkpoint(args.out, {"policy": (policy, optimizer)})
         start, stream.cursor, history = state["step"], state["extra"]["cursor"], state["extra"]["history"]
-    elif args.prior == "v0":  # the policy before any update: V0's own rows of it, when it was made from this policy
-        label = f"{args.model}@T{args.temperature:g}" if args.history_init == "auto" else None
-        history = V0.initial_history(v0_checkpoint(args), args.history_init, args.history, label)
-        print(f"v05: the history starts with {len(history)} rows" + (f" of {label}" if label else ""))
-    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+    elif args.prior == "v0":  # the policy before any update: V0's rows of it when it has them (v0_start)
+        init = v0_start(args)
+        history, args.fresh_context = init["history"], init["fresh_context"]
+        print(init["line"])
+        if init["warning"]:
+            print(f"v05: warning: {init['warning']}")
+    sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set)
     logger = C.RunLogger(args.out, resume_step=start)
     prompt_log = Path(args.out) / "prompts.jsonl"  # one row per prompt and step: where the budget went, and why
     C.keep_steps(prompt_log, start)
 
     if start == 0:  # --warmup-prompts > 0: k_init rollouts on other prompts, only to seed V0's history
         warm = warmup_problems(train_set, args.seed, args.warmup_prompts) if args.prior == "v0" else []
-        metrics = {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+        metrics = {"eval_acc": C.run_eval(sampler, tok, eval_set, args)
                    if eval_set else None}
         if warm:
             draw = PolicyDraw(sampler, tok, warm, args, seed=C.rollout_seed(args.seed, 0))
@@ -414,9 +470,8 @@ def main(args: Args):
         rewards = torch.tensor([c for group in draw.rewards for c in group])  # [B], in the order of rollouts
         gidx = torch.repeat_interleave(torch.arange(len(problems)), torch.tensor(k))
         adv = v05_advantages(rewards, gidx, torch.tensor(res["mu"], dtype=torch.float32), args.scale_std)
-        lengths = torch.tensor([len(r.ids) for r in rollouts])  # [B]
         # acc weighs every prompt the same (as GRPO's equal groups do), however many rollouts it got
-        metrics.update(**C.batch_metrics(draw.rewards, adv, lengths, draw.no_answer),
+        metrics.update(**C.batch_metrics(draw.rewards, adv, rollouts, draw.no_answer),
                        reward=rewards.mean().item(), acc=float(rates.mean()), k_mean=float(k.mean()),
                        k_max_hit=float(np.mean(k >= args.k_max)), test_reject_rate=float(res["reject_init"].mean()),
                        w_mean=float(res["w"].mean()), rounds=res["rounds"], prior_mean=float(prior.mean()))
@@ -429,6 +484,7 @@ def main(args: Args):
         if corrupted is not None and corrupted.any() and (~corrupted).any():
             metrics.update(corrupt_k_mean=float(k[corrupted].mean()), clean_k_mean=float(k[~corrupted].mean()),
                            corrupt_reject_rate=float(res["reject_init"][corrupted].mean()))
+        sampler.sleep()  # GPU: the engine frees its memory for the update (--vllm-sleep)
         with timer("time_train"):
             batch = C.collate(rollouts, tok.pad_token_id, dev)
             adv_tok = adv[:, None].to(dev) * batch["response_mask"]  # [B, L]
@@ -437,7 +493,7 @@ def main(args: Args):
 
         # 4. log, evaluate, checkpoint
         if step == args.steps or (args.eval_every and step % args.eval_every == 0):
-            metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+            metrics["eval_acc"] = C.run_eval(sampler, tok, eval_set, args)
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):

@@ -83,7 +83,7 @@ class GrpoArgs(C.TrainArgs):
 def main(args: GrpoArgs):
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
-    policy, tok, path = C.load_model(args.model, dev, dtype)
+    policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
     optimizer = C.adamw(policy.parameters(), args.lr)
     train_set, eval_set = C.load_problems(args.data), C.load_problems(args.eval_data, args.eval_problems)
     stream = C.ProblemStream(train_set, args.seed)
@@ -93,12 +93,12 @@ def main(args: GrpoArgs):
     if args.resume:
         state = C.load_checkpoint(args.out, {"policy": (policy, optimizer)})
         start, stream.cursor, history = state["step"], state["extra"]["cursor"], state["extra"]["history"]
-    sampler = C.make_sampler(args.sampler, policy, tok, path, dtype, args.seed)
+    sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set)
     logger = C.RunLogger(args.out, resume_step=start)
     P, G = args.prompts_per_step, args.group_size
     budget = P * G
     if start == 0 and eval_set:
-        logger.log(0, {"eval_acc": C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)})
+        logger.log(0, {"eval_acc": C.run_eval(sampler, tok, eval_set, args)})
     for step in C.tqdm(range(start + 1, args.steps + 1), desc=f"v0-grpo[{args.alloc}]", initial=start, total=args.steps):
         timer, t0, metrics = C.Timer(), time.perf_counter(), {}
         # 1. where do the rollouts go? V0: predict p for candidates, allocate; uniform / dynamic: G each
@@ -140,12 +140,12 @@ def main(args: GrpoArgs):
         rewards = torch.cat([g.rewards for g in groups]).float()
         adv = advantages_per_group(groups, args.scale_std)
         informative = len(groups) - int(sum(zero_spread))
-        lengths = torch.tensor([len(r.ids) for r in rollouts])  # [B]
-        metrics.update(C.batch_metrics([g.rewards.tolist() for g in groups], adv, lengths, metrics["no_answer"]))
+        metrics.update(C.batch_metrics([g.rewards.tolist() for g in groups], adv, rollouts, metrics["no_answer"]))
         metrics.update(reward=rewards.mean().item(), acc=rewards.mean().item(),
                        frac_reward_zero_std=float(np.mean(zero_spread)), groups=len(groups),
                        wasted_rollout_frac=float(sum(s for s, z in zip(sizes, zero_spread) if z) / len(rollouts)),
                        rollouts_per_useful_group=len(rollouts) / informative if informative else float("nan"))
+        sampler.sleep()  # GPU: the engine frees its memory for the update (--vllm-sleep)
         with timer("time_train"):
             batch = C.collate(rollouts, tok.pad_token_id, dev)
             adv_tok = adv[:, None].to(dev) * batch["response_mask"]  # [B, L]
@@ -154,7 +154,7 @@ def main(args: GrpoArgs):
 
         # 4. log, evaluate, checkpoint
         if step == args.steps or (args.eval_every and step % args.eval_every == 0):
-            metrics["eval_acc"] = C.evaluate(sampler, tok, eval_set, args.max_new_tokens, seed=args.seed)
+            metrics["eval_acc"] = C.run_eval(sampler, tok, eval_set, args)
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):

@@ -128,13 +128,13 @@ def test_rows_without_signal():
 
 def test_batch_metrics_mean_one_thing_in_every_method():
     """adv_std is the std over rollouts of one advantage per rollout (ddof 1, as torch.std); a group of one has no
-    spread to measure; ragged groups (V0.5) count each group once."""
-    m = C.batch_metrics([[1.0, 1.0], [0.0, 1.0, 1.0]], torch.tensor([0.0, 0.0, -1.0, 0.5, 0.5]),
-                        torch.tensor([3, 4, 5, 6, 7]), no_answer=2)
+    spread to measure; ragged groups (V0.5) count each group once; clipped_ratio is the share cut at the limit."""
+    rolls = [C.Rollout(0, [1], [7] * n, "", [0.0] * n, "length" if n == 7 else "stop") for n in (3, 4, 5, 6, 7)]
+    m = C.batch_metrics([[1.0, 1.0], [0.0, 1.0, 1.0]], torch.tensor([0.0, 0.0, -1.0, 0.5, 0.5]), rolls, no_answer=2)
     assert m["adv_std"] == pytest.approx(torch.tensor([0.0, 0.0, -1.0, 0.5, 0.5]).std().item())
     assert m["frac_reward_zero_std"] == 0.5 and m["rollouts"] == 5 and m["tokens"] == 25
-    assert m["resp_len"] == 5.0 and m["no_answer"] == 2
-    assert C.batch_metrics([[1.0], [0.0]], torch.tensor([0.3, -0.3]), torch.tensor([2, 2]), 0)["frac_reward_zero_std"] is None
+    assert m["resp_len"] == 5.0 and m["no_answer"] == 2 and m["clipped_ratio"] == pytest.approx(0.2)
+    assert C.batch_metrics([[1.0], [0.0]], torch.tensor([0.3, -0.3]), rolls[:2], 0)["frac_reward_zero_std"] is None
 
 
 def test_atomic_file_appears_whole_or_not_at_all(tmp_path):
