@@ -51,13 +51,13 @@ def arg(default, help: str, **kw):
 
 # --preset: the values of every TrainArgs field that defaults to None. A method's Args extends them (presets()).
 CPU = dict(model="smollm2-135m", data="arith", steps=20, prompts_per_step=8, max_new_tokens=48, temperature=0.7,
-           lr=3e-5, eval_data="arith:test", eval_problems=64, eval_n=1, micro_batch_size=16, minibatch_size=0,
+           lr=3e-5, eval_data="arith:test", eval_problems=64, eval_n=1, micro_batch_size=16, minibatch_size=0, save_every=5,
            grad_checkpointing=False)
 # The papers' scale on one 80 GB GPU (docs/gpu.md): Qwen3-4B-Instruct-2507 on DAPO-Math-17k, temperature 1,
 # lr 1e-6, mean@16 on MATH-500 (ours: one of the papers' six benchmarks, shipped in data/eval).
 PAPER = dict(model="Qwen3-4B", data="BytedTsinghua-SIA/DAPO-Math-17k", steps=200, prompts_per_step=64,
              max_new_tokens=8192, temperature=1.0, lr=1e-6, eval_data="data/eval/math500.jsonl", eval_problems=500,
-             eval_n=16, micro_batch_size=2, minibatch_size=0,
+             eval_n=16, micro_batch_size=2, minibatch_size=0, save_every=10,
              grad_checkpointing=True)
 
 
@@ -93,8 +93,15 @@ class TrainArgs:
     sampler: str = arg("auto", "rollout backend: vllm on a GPU when installed, else transformers; vllm-bf16: "
                        "vLLM with bfloat16 weights while training stays in --dtype (faster sampling; its "
                        "log-probs differ a little from the float32 trainer's)", choices=["auto", "hf", "vllm", "vllm-bf16"])
-    save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
-    resume: bool = arg(False, "continue from the checkpoint in --out (weights, optimizer, step, RNG)")
+    save_every: int | None = arg(None, "checkpoint every N steps and after the last (0: only after the last; "
+                                 "default: set by --preset)")
+    keep_checkpoints: int = arg(1, "checkpoints kept: OUT/ckpt, the latest, and the N-1 before it as OUT/ckpt-<step>")
+    resume: bool = arg(False, "continue from the checkpoint in --out (weights, optimizer, step, RNG); refused when "
+                       "OUT/config.json holds other settings that change the run (see --allow-changed)")
+    allow_changed: bool = arg(False, "--resume although settings that change the run differ from OUT/config.json")
+    overwrite: bool = arg(False, "start afresh in an --out that holds a run: its metrics and checkpoints are deleted")
+    report_to: str = arg("none", "also log each step to tensorboard (OUT/tensorboard) or wandb; metrics.jsonl stays "
+                         "the record", choices=["none", "tensorboard", "wandb"])
     eval_every: int = arg(0, "evaluate every N steps (0: only before the first and after the last step)")
     eval_data: str | None = arg(None, "evaluation problems, same forms as --data (default: set by --preset)")
     eval_problems: int | None = arg(None, "how many evaluation problems, 0: no evaluation (default: set by --preset)")
@@ -383,7 +390,8 @@ def normalize_row(row: dict, where: str) -> Problem:
         q = f"{row['context']}\n{q}"
     if row.get("final_answer") is not None:  # olympiadbench: list of "$...$"
         fa = row["final_answer"]
-        ans = ", ".join(s.strip().strip("$") for s in (fa if isinstance(fa, list) else [fa]))
+        parts = [s.strip().strip("$") for s in (fa if isinstance(fa, list) else [fa])]
+        ans = ", ".join(p.replace("$,$", ", ") for p in parts)  # one item may hold two: "$a$,$b$"
     elif isinstance(row.get("answer"), (int, float)):  # amc23: 27.0
         x = row["answer"]
         ans = str(int(x)) if float(x).is_integer() else str(x)
@@ -392,7 +400,7 @@ def normalize_row(row: dict, where: str) -> Problem:
     elif isinstance(row.get("answer"), str):
         ans = row["answer"]
     elif isinstance(row.get("solution"), str) and _last_boxed(row["solution"]) is not None:  # minerva
-        ans = _last_boxed(row["solution"])
+        ans = _last_boxed(row["solution"]).replace("$ $", " ")  # a box that spans two $...$ runs
     else:
         raise ValueError(f"{where}: no gold answer ('answer', 'final_answer', or a \\boxed{{}} in 'solution')")
     rid = next((str(row[k]) for k in ("id", "idx", "unique_id") if row.get(k) is not None), where)
@@ -437,7 +445,21 @@ def load_problems(spec: str, limit: int | None = None) -> list[Problem]:
             raise ValueError(f"{path}: no problems in file")
     else:
         problems = hub_problems(spec)
-    return problems if limit is None else problems[:limit]
+    problems = problems if limit is None else problems[:limit]
+    return problems if spec.split(":")[0] == "arith" else with_gold(problems, spec)
+
+
+def with_gold(problems: list[Problem], spec: str) -> list[Problem]:
+    """The problems whose gold answer math-verify can read; the others (empty or unparsable: every completion
+    would score 0) are left out and counted, naming the first few; none readable is an error."""
+    bad = [p for p in problems if not p.answer.strip() or not parse_gold(p.answer, True)]
+    if bad:
+        names = ", ".join(f"{p.id} ({p.answer[:20]!r})" for p in bad[:3])
+        if len(bad) == len(problems):
+            raise SystemExit(f"--data {spec}: no gold answer can be read ({names}, ...): check the answer field")
+        print(f"--data {spec}: {len(bad)} of {len(problems)} problems left out, their gold answer empty or unreadable "
+              f"({names}{', ...' if len(bad) > 3 else ''})")
+    return [p for p in problems if p not in bad] if bad else problems
 
 
 SPLITS = ("train", "test", "validation")
@@ -571,14 +593,17 @@ class HFSampler:
         opened = [_opened(self.tok, e) for e in enc]
         gen = torch.Generator().manual_seed(seed)
         out = []
-        for s in tqdm(range(0, len(jobs), self.batch_size), desc=desc or "generate", disable=desc is None, leave=False):
+        bar = tqdm(total=len(jobs), desc=desc or "rollouts", unit="rollout", disable=None, leave=False)  # a terminal only
+        for s in range(0, len(jobs), self.batch_size):
             chunk = jobs[s:s + self.batch_size]
             with gpu_bf16(self.model):  # the log-softmax stays float32 (.float() on the logits)
                 ids, lps = self._decode([j[1] for j in chunk], max_new_tokens, temperature, min_new_tokens, gen)
+            bar.update(len(chunk))
             for (pi, pids), r_ids, r_lp in zip(chunk, ids, lps):
                 stop = bool(r_ids) and r_ids[-1] in self.eos
                 out.append(Rollout(pi, pids, r_ids, self.tok.decode(r_ids, skip_special_tokens=True), r_lp,
                                    "stop" if stop else "length", opened[pi]))
+        bar.close()
         return out
 
     def _decode(self, prompt_ids, max_new, temperature, min_new, gen):
@@ -681,12 +706,12 @@ class VLLMSampler:
         for j, i in enumerate(keep):
             cost = len(inputs[j]["prompt_token_ids"]) * ns[i]
             if wave and used + cost > budget:
-                res += self.llm.generate([inputs[k] for k in wave], [params[k] for k in wave], use_tqdm=desc is not None)
+                res += self.llm.generate([inputs[k] for k in wave], [params[k] for k in wave], use_tqdm=desc is not None or sys.stderr.isatty())
                 wave, used = [], 0
             wave.append(j)
             used += cost
         if wave:
-            res += self.llm.generate([inputs[k] for k in wave], [params[k] for k in wave], use_tqdm=desc is not None)
+            res += self.llm.generate([inputs[k] for k in wave], [params[k] for k in wave], use_tqdm=desc is not None or sys.stderr.isatty())
         out = []
         for i, r in zip(keep, res):
             for c in r.outputs:
@@ -806,8 +831,10 @@ def _mv_parse(text: str, on_main: bool):
 
 
 def parse_gold(answer: str, on_main: bool):
-    """Gold answers come as plain numbers, bare LaTeX ('\\frac{1}{2}') or '$...$'; box them for the parser."""
-    gold = _mv_parse(answer if ("$" in answer or "\\boxed" in answer) else f"$\\boxed{{{answer}}}$", on_main)
+    """Gold answers come as plain numbers, bare LaTeX ('\\frac{1}{2}') or '$...$'; box them for the parser. An
+    escaped dollar ('\\$18.90', MATH's currency) is not a math delimiter."""
+    delimited = "\\boxed" in answer or "$" in answer.replace("\\$", "")
+    gold = _mv_parse(answer if delimited else f"$\\boxed{{{answer}}}$", on_main)
     return gold or _mv_parse(answer, on_main)
 
 
@@ -1113,6 +1140,7 @@ def minibatch_update(optimizer, mask, args, loss_fn, agg: str = "token-mean", sk
     B = mask.shape[0]
     mb, params = args.minibatch_size or B, [p for g in optimizer.param_groups for p in g["params"]]
     stats, skips, gen = {}, 0, torch.Generator().manual_seed(args.seed)
+    bar = tqdm(total=args.epochs * B, desc="update", unit="row", disable=None, leave=False)  # a terminal only
     for _ in range(args.epochs):
         order = torch.randperm(B, generator=gen) if mb < B else torch.arange(B)
         for s in range(0, B, mb):
@@ -1131,6 +1159,7 @@ def minibatch_update(optimizer, mask, args, loss_fn, agg: str = "token-mean", sk
                 (loss * (mask[r].sum() / n_tok if agg == "token-mean" else len(r) / len(rows))).backward()
                 for k, v in st.items():
                     stats.setdefault(k, []).append(v)
+                bar.update(len(r))
             gn = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if ok else None
             if gn is None or not torch.isfinite(gn):
                 optimizer.zero_grad(set_to_none=True)
@@ -1138,6 +1167,7 @@ def minibatch_update(optimizer, mask, args, loss_fn, agg: str = "token-mean", sk
                 continue
             optimizer.step()
             stats.setdefault("grad_norm", []).append(gn.item())
+    bar.close()
     optimizer.zero_grad(set_to_none=True)  # free the gradients before sampling (memory_plan counts on it)
     return {**{k: float(np.mean(v)) for k, v in stats.items()}, "nan_skips": skips}
 
@@ -1234,10 +1264,22 @@ METRICS = ["reward", "acc", "adv_std", "frac_reward_zero_std", "clipped_ratio", 
 
 
 def keep_steps(path: Path, last_step: int):
-    """On resume: keep a per-step .jsonl file's lines up to the checkpoint's step, drop the rest."""
+    """On resume: keep a per-step .jsonl file's lines up to the checkpoint's step, drop the rest. A last line cut
+    short (a crash while it was written) is dropped; a bad line before it is an error naming it."""
     if path.exists():
-        keep = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= last_step]
-        path.write_text("".join(l + "\n" for l in keep))
+        lines, keep = path.read_text().splitlines(), []
+        for i, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line) if line else None
+            except json.JSONDecodeError:
+                if i < len(lines):
+                    raise SystemExit(f"{path}:{i}: not valid JSON (only a last line cut by a crash is dropped)") from None
+                print(f"{path}:{i}: dropped a line cut short by a crash")
+                continue
+            if row is not None and row["step"] <= last_step:
+                keep.append(line)
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(l + "\n" for l in keep))
 
 
 class RunLogger:
@@ -1245,10 +1287,11 @@ class RunLogger:
     measured that step, so notebooks can compare methods), and a compact console line."""
     CONSOLE = ["reward", "acc", "eval_acc", "rollouts", "frac_reward_zero_std", "entropy", "grad_norm", "time_step"]
 
-    def __init__(self, out: str, resume_step: int = 0):
+    def __init__(self, out: str, resume_step: int = 0, report_to: str = "none"):
         self.path = Path(out) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keep_steps(self.path, resume_step if resume_step > 0 else -1)  # a fresh run starts a fresh file
+        self.tracker = tracker(report_to, Path(out))
 
     def log(self, step: int, metrics: dict):
         clean = lambda v: (None if math.isnan(v) else round(v, 6)) if isinstance(v, float) else v  # noqa: E731
@@ -1257,9 +1300,105 @@ class RunLogger:
         row = {"step": step, **{k: clean(v) for k, v in metrics.items()}}  # NaN -> null: strict JSON
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker(step, {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"})
         shown = " ".join(f"{k}={row[k]:.3g}" if isinstance(row[k], float) else f"{k}={row[k]}"
                          for k in self.CONSOLE if row.get(k) is not None)
         tqdm.write(f"step {step:4d} {shown}")
+
+
+def tracker(kind: str, out: Path):
+    """--report-to: fn(step, {name: number}) for tensorboard or wandb (whichever the flag names; it must be installed),
+    None for none."""
+    if kind == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("--report-to tensorboard: needs the package tensorboard (pip install tensorboard)") from None
+        writer = SummaryWriter(str(out / "tensorboard"))
+
+        def log(step, scalars):
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, step)
+            writer.flush()
+        return log
+    if kind == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("--report-to wandb: needs the package wandb (pip install wandb)") from None
+        run = wandb.init(project="rlvr-baselines", name=out.name, dir=str(out), config=_settings_of(out))
+        return lambda step, scalars: run.log(scalars, step=step)
+    return None
+
+
+# -------------------- Run folders: settings, resume, checkpoints ---------------------------------
+
+# Flags that change how a run is computed, not what it computes: --resume may change them freely
+OPERATIONAL = {"resume", "steps", "out", "save_every", "keep_checkpoints", "eval_every", "device", "sampler",
+               "micro_batch_size", "logp_chunk", "grad_checkpointing", "share_prompts", "vllm_memory", "max_model_len",
+               "vllm_sleep", "allow_changed", "overwrite", "report_to"}
+
+
+def _settings_of(out: Path) -> dict:
+    path = out / "config.json"
+    return json.loads(path.read_text())["args"] if path.exists() else {}
+
+
+def git_commit() -> str | None:
+    """The project's git commit (with '+' when the tree has changes), or None outside a git checkout."""
+    import subprocess
+    root = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+
+
+def start_run(args, method: str, steps: int | None = None, free: tuple = ()) -> dict:
+    """Check --out, then write OUT/config.json: the method, every flag's value and the git commit.
+    A fresh run refuses a folder that holds a run (metrics.jsonl or a checkpoint) unless --overwrite, which deletes
+    them. --resume refuses a folder written by another method, and settings that change the run (all flags but
+    OPERATIONAL and `free`, a stage's own length flags) that differ from the saved ones, naming each, unless
+    --allow-changed; given the run's steps, it stops, saying so, when the checkpoint is already there.
+    -> the settings written"""
+    out = Path(args.out)
+    path, ckpts = out / "config.json", [out / "ckpt", out / "ckpt.old", *out.glob("ckpt-*")]
+    settings = {"method": method, "commit": git_commit(), "args": json.loads(json.dumps(dataclasses.asdict(args)))}
+    if args.resume:
+        saved = json.loads(path.read_text()) if path.exists() else None
+        if saved is None:
+            print(f"--resume: {out} has no config.json (a run from before settings were saved): not checked")
+        elif saved["method"] != method:
+            raise SystemExit(f"--resume: {out} holds a {saved['method']} run, not {method}: choose another --out")
+        else:
+            changed = [f"--{flag(k)} {saved['args'].get(k)!r} (saved) -> {v!r} (now)" for k, v in settings["args"].items()
+                       if k not in OPERATIONAL | set(free) and saved["args"].get(k, v) != v]
+            if changed and not args.allow_changed:
+                raise SystemExit(f"--resume: {path} holds other settings than these:\n  " + "\n  ".join(changed) +
+                                 "\npass them as saved, or --allow-changed to resume with the new values")
+            if changed:
+                settings["changed_at_resume"] = changed
+        meta = out / "ckpt" / "meta.json"
+        step = json.loads(meta.read_text())["step"] if meta.exists() else None
+        if steps is not None and step is not None and step >= steps:
+            print(f"--resume: the checkpoint in {out} is at step {step} and --steps is {steps}: nothing to train "
+                  "(raise --steps to continue)")
+            raise SystemExit(0)
+    elif (out / "metrics.jsonl").exists() or any(p.exists() for p in ckpts):
+        if not args.overwrite:
+            raise SystemExit(f"--out {out} holds a run (metrics.jsonl or ckpt/): --resume it, choose another --out, "
+                             "or pass --overwrite to delete it")
+        for p in ckpts:
+            shutil.rmtree(p, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(settings, indent=1) + "\n")
+    return settings
 
 
 @contextlib.contextmanager
@@ -1284,10 +1423,30 @@ def _save_tokenizer(source: str, folder: Path):
         pass  # a model built from a config (tests): nothing to copy
 
 
-def save_checkpoint(out: str, step: int, parts: dict, extra: dict | None = None):
-    """OUT/ckpt/{<part>/model.safetensors..., state.pt}; parts = {"policy": (model, optimizer), ...}.
+def _plain(x):
+    """Numpy arrays as tensors (tagged), so state.pt loads with torch.load(weights_only=True): no pickled code."""
+    if isinstance(x, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(x))}
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(v) for v in x)
+    return x
+
+
+def _unplain(x):
+    if isinstance(x, dict):
+        return x["__ndarray__"].numpy() if set(x) == {"__ndarray__"} else {k: _unplain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unplain(v) for v in x)
+    return x
+
+
+def save_checkpoint(out: str, step: int, parts: dict, extra: dict | None = None, keep: int = 1):
+    """OUT/ckpt/{<part>/model.safetensors..., state.pt, meta.json}; parts = {"policy": (model, optimizer), ...}.
     Written to a temporary folder, then swapped in with renames, so a crash at any moment leaves either
-    the previous checkpoint or the new one, whole, never half of one (nor a policy and critic of two steps)."""
+    the previous checkpoint or the new one, whole, never half of one (nor a policy and critic of two steps).
+    keep > 1: the previous checkpoints stay as OUT/ckpt-<step>, the keep - 1 latest of them."""
     final, tmp, old = Path(out) / "ckpt", Path(out) / "ckpt.tmp", Path(out) / "ckpt.old"
     shutil.rmtree(tmp, ignore_errors=True)
     for name, (model, _) in parts.items():
@@ -1299,13 +1458,25 @@ def save_checkpoint(out: str, step: int, parts: dict, extra: dict | None = None)
             (tmp / name).mkdir(parents=True)
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / name / "model.safetensors")
     torch.save({"step": step, "optimizers": {n: o.state_dict() for n, (_, o) in parts.items() if o is not None},
-                "extra": extra or {},
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
+                "extra": _plain(extra or {}),
+                "rng": _plain({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()})},
                tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step}))
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    if keep > 1 and old.exists():
+        prev = json.loads((old / "meta.json").read_text())["step"] if (old / "meta.json").exists() else step - 1
+        os.replace(old, Path(out) / f"ckpt-{prev}")
+        kept = sorted(Path(out).glob("ckpt-*"), key=lambda p: int(p.name.split("-")[1]))
+        for p in kept[:max(len(kept) - (keep - 1), 0)]:
+            shutil.rmtree(p, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_state(path) -> dict:
+    """A checkpoint's state.pt: step, optimizer states, extra, RNG; loaded without running pickled code."""
+    return _unplain(torch.load(path, weights_only=True))
 
 
 def load_checkpoint(out: str, parts: dict) -> dict:
@@ -1316,7 +1487,7 @@ def load_checkpoint(out: str, parts: dict) -> dict:
         folder = Path(out) / "ckpt.old"  # crashed between the two renames: the old one is whole
     if not (folder / "state.pt").exists():
         raise SystemExit(f"--resume: no checkpoint in {Path(out) / 'ckpt'} (run with --save-every first)")
-    state = torch.load(folder / "state.pt", weights_only=False)
+    state = read_state(folder / "state.pt")
     for name, (model, opt) in parts.items():
         sd = {k: v for f in sorted((folder / name).glob("*.safetensors")) for k, v in load_file(f).items()}
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -1324,8 +1495,8 @@ def load_checkpoint(out: str, parts: dict) -> dict:
             raise SystemExit(f"--resume: {folder / name} does not match the model ({missing[:3]} {unexpected[:3]})")
         if opt is not None:
             opt.load_state_dict(state["optimizers"][name])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(tuple(state["rng"]["python"]))
+    np.random.set_state(tuple(state["rng"]["numpy"]))
     torch.set_rng_state(state["rng"]["torch"])
     return state
 

@@ -281,6 +281,7 @@ def gvm_update(gvm, optimizer, batch: dict, score, args) -> dict:
 
 def pretrain(args: Args) -> Path:
     """Collect (or read) scored sequences, train the GVM on TD(lambda) targets, write OUT/gvm.json + OUT/ckpt/gvm."""
+    C.start_run(args, "dvpo pretrain", free=("gvm_epochs",))  # OUT/config.json; --resume may add epochs
     out = Path(args.out)
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
@@ -323,7 +324,7 @@ def pretrain(args: Args) -> Path:
     start = 0
     if args.resume and (out / "ckpt" / "state.pt").exists():
         start = C.load_checkpoint(str(out), {"gvm": (gvm, optimizer)})["step"]
-    logger = C.RunLogger(str(out), resume_step=start)
+    logger = C.RunLogger(str(out), start, args.report_to)
     logger.CONSOLE = ["value_loss", "explained_variance", "gvm_heldout_mse", "gvm_heldout_const_mse",
                       "gvm_heldout_auc"]
     per_batch = dataclasses.replace(args, epochs=args.gvm_batch_epochs, minibatch_size=args.gvm_minibatch)
@@ -345,7 +346,7 @@ def pretrain(args: Args) -> Path:
         metrics.update(time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == total or (args.save_every and step % args.save_every == 0):
-            C.save_checkpoint(str(out), step, {"gvm": (gvm, optimizer)})
+            C.save_checkpoint(str(out), step, {"gvm": (gvm, optimizer)}, keep=args.keep_checkpoints)
     meta = {"base": str(Path(base).resolve()) if Path(base).exists() else base, "rows": len(rows),
             "train_rows": len(train), "heldout_rows": len(held), "gamma": args.gamma, "lam": args.gvm_lam,
             "data": str(rows_file), "pairs": args.pairs, "steps": total, "final": report()}
@@ -388,6 +389,7 @@ def gvm_all_values(gvm: ppo.ValueModel, batch: dict, micro: int) -> torch.Tensor
 def train(args: Args):
     if not args.gvm:
         raise SystemExit("dvpo.py train needs --gvm DIR (a folder written by `python dvpo.py pretrain --out DIR`)")
+    C.start_run(args, "dvpo train", args.steps)  # OUT/config.json; refuses a mismatched --resume
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
@@ -403,7 +405,7 @@ def train(args: Args):
         start, stream.cursor, beta = state["step"], state["extra"]["cursor"], state["extra"]["kl_coef"]
     frozen = {"GVM": (gvm.config, False), **({"reference": (policy.config, False)} if ref is not None else {})}
     sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set, others=frozen)
-    logger = C.RunLogger(args.out, resume_step=start)
+    logger = C.RunLogger(args.out, start, args.report_to)
     G, P, mbs = args.group_size, args.prompts_per_step, args.micro_batch_size
 
     if start == 0 and eval_set:
@@ -460,7 +462,8 @@ def train(args: Args):
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):
-            C.save_checkpoint(args.out, step, parts, {"cursor": stream.cursor, "gvm": args.gvm, "kl_coef": beta})
+            C.save_checkpoint(args.out, step, parts, {"cursor": stream.cursor, "gvm": args.gvm, "kl_coef": beta},
+                              keep=args.keep_checkpoints)
     return logger.path
 
 
@@ -470,7 +473,8 @@ def run_all(args: Args):
     if not (args.resume and (gvm_dir / "gvm.json").exists()):
         pretrain(dataclasses.replace(args, out=str(gvm_dir)))
     resume2 = args.resume and (Path(args.out) / "ckpt" / "state.pt").exists()  # a crash in stage 1: start stage 2
-    return train(dataclasses.replace(args, gvm=args.gvm or str(gvm_dir), resume=resume2))
+    return train(dataclasses.replace(args, gvm=args.gvm or str(gvm_dir), resume=resume2,
+                                     overwrite=args.overwrite or args.resume))  # a crash before stage 2's checkpoint
 
 
 COMMANDS = {"pretrain": pretrain, "train": train}

@@ -297,7 +297,7 @@ def setup(args: Args, trainable_actor: bool):
     else:
         critic, cpath = copy.deepcopy(policy).requires_grad_(True), path
     state = Path(args.critic) / ".." / "state.pt" if args.critic else None
-    ema = torch.load(state, weights_only=False)["extra"].get("ema", 0.5) if state and state.exists() else 0.5
+    ema = C.read_state(state)["extra"].get("ema", 0.5) if state and state.exists() else 0.5
     actor = (Path(args.model).name if Path(args.model).exists() else args.model,
              sum(p.numel() for p in policy.parameters()))
     return dev, dtype, policy, tok, path, critic, cpath, ema, actor
@@ -305,6 +305,7 @@ def setup(args: Args, trainable_actor: bool):
 
 def sft(args: Args) -> Path:
     """Stage 1: p_MC of rollouts' boundary states -> template traces -> the critic's cross-entropy on their tokens."""
+    C.start_run(args, "genac sft")  # OUT/config.json
     dev, dtype, policy, tok, path, critic, cpath, _, actor = setup(args, trainable_actor=False)
     problems = C.ProblemStream(C.load_problems(args.data), args.seed + 1).take(args.sft_problems)  # not stage 3's order
     sampler = C.sampler_for(args, policy, tok, path, dtype, problems)
@@ -317,7 +318,7 @@ def sft(args: Args) -> Path:
             for ids, t in zip(critic_inputs(tok, states, args, actor, ema), targets)]
 
     optimizer = C.adamw(critic.parameters(), args.sft_lr)
-    logger = C.RunLogger(args.out)
+    logger = C.RunLogger(args.out, 0, args.report_to)
     logger.CONSOLE = ["sft_loss", "sft_rows", "time_step"]
     one = dataclasses.replace(args, epochs=1, minibatch_size=0)
     per_epoch = -(-len(seqs) // args.micro_batch_size)
@@ -336,18 +337,20 @@ def sft(args: Args) -> Path:
         with C.update_mode(critic, args.grad_checkpointing, args.autocast):  # the flags every update honours
             st = C.minibatch_update(optimizer, batch["response_mask"], one, loss_fn)
         logger.log(step, {**st, "time_step": time.perf_counter() - t0})
-    C.save_checkpoint(args.out, per_epoch * args.sft_epochs, {"critic": (critic, optimizer)}, {"ema": ema})
+    C.save_checkpoint(args.out, per_epoch * args.sft_epochs, {"critic": (critic, optimizer)}, {"ema": ema},
+                      keep=args.keep_checkpoints)
     return Path(args.out) / "ckpt" / "critic"
 
 
 def pretrain(args: Args) -> Path:
     """Stage 2, the actor frozen: the critic answers for fresh rollouts' boundary states, REINFORCE steps on R_v."""
+    C.start_run(args, "genac pretrain")
     dev, dtype, policy, tok, path, critic, cpath, ema, actor = setup(args, trainable_actor=False)
     stream = C.ProblemStream(C.load_problems(args.data), args.seed + 2)
     sampler = C.sampler_for(args, policy, tok, path, dtype, stream.problems)
     csampler = C.make_sampler(args.sampler, critic, tok, cpath, dtype, args.seed + 1, args.vllm_memory, 0, args.vllm_sleep)
     optimizer = C.adamw(critic.parameters(), args.critic_lr)
-    logger = C.RunLogger(args.out)
+    logger = C.RunLogger(args.out, 0, args.report_to)
     logger.CONSOLE = ["acc", "critic_mse", "critic_reward", "critic_parse_fail", "time_step"]
     for step in C.tqdm(range(1, args.pretrain_steps + 1), desc="genac pretrain"):
         t0 = time.perf_counter()
@@ -366,12 +369,14 @@ def pretrain(args: Args) -> Path:
         csampler.sync_weights(critic)
         ema = args.icc_ema * ema + (1 - args.icc_ema) * float(np.mean(y))
         logger.log(step, {**metrics, "time_step": time.perf_counter() - t0, "peak_mem_gb": C.peak_mem_gb()})
-    C.save_checkpoint(args.out, args.pretrain_steps, {"critic": (critic, optimizer)}, {"ema": ema})
+    C.save_checkpoint(args.out, args.pretrain_steps, {"critic": (critic, optimizer)}, {"ema": ema},
+                      keep=args.keep_checkpoints)
     return Path(args.out) / "ckpt" / "critic"
 
 
 def train(args: Args):
     """Stage 3: PPO with the generative critic at segment boundaries; both actor and critic learn."""
+    C.start_run(args, "genac train", args.steps)
     dev, dtype, policy, tok, path, critic, cpath, ema, actor = setup(args, trainable_actor=True)
     optimizer = C.adamw(policy.parameters(), args.lr)
     critic_opt = C.adamw(critic.parameters(), args.critic_lr)
@@ -385,7 +390,7 @@ def train(args: Args):
     sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set,
                             others={"critic": (critic.config, True)}, engines=2)  # the critic samples with its own
     csampler = C.make_sampler(args.sampler, critic, tok, cpath, dtype, args.seed + 1, args.vllm_memory, 0, args.vllm_sleep)
-    logger = C.RunLogger(args.out, resume_step=start)
+    logger = C.RunLogger(args.out, start, args.report_to)
     G, P = args.group_size, args.prompts_per_step
 
     if start == 0 and eval_set:
@@ -440,7 +445,8 @@ def train(args: Args):
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):
-            C.save_checkpoint(args.out, step, parts, {"cursor": stream.cursor, "ema": ema})
+            C.save_checkpoint(args.out, step, parts, {"cursor": stream.cursor, "ema": ema},
+                              keep=args.keep_checkpoints)
     return logger.path
 
 

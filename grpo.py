@@ -167,6 +167,7 @@ def sample_groups(sampler, tok, problems, G, args, seed) -> Groups:
 
 
 def main(args: Args):
+    C.start_run(args, "grpo", args.steps)  # OUT/config.json; refuses a mismatched --resume
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
@@ -180,7 +181,7 @@ def main(args: Args):
         state = C.load_checkpoint(args.out, {"policy": (policy, optimizer)})
         start, stream.cursor = state["step"], state["extra"]["cursor"]
     sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set)
-    logger = C.RunLogger(args.out, resume_step=start)
+    logger = C.RunLogger(args.out, start, args.report_to)
     G, P = args.group_size, args.prompts_per_step
     buffer = int(args.overlong_buffer * args.max_new_tokens)
 
@@ -232,7 +233,8 @@ def main(args: Args):
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):
-            C.save_checkpoint(args.out, step, {"policy": (policy, optimizer)}, {"cursor": stream.cursor})
+            C.save_checkpoint(args.out, step, {"policy": (policy, optimizer)}, {"cursor": stream.cursor},
+                              keep=args.keep_checkpoints)
     return logger.path
 
 

@@ -355,6 +355,7 @@ def pearson(a, b) -> float:
 
 
 def main(args: Args):
+    C.start_run(args, "poise", args.steps)  # OUT/config.json; refuses a mismatched --resume
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
@@ -375,7 +376,7 @@ def main(args: Args):
     if start >= args.warmup_steps and buf_y is not None and len(buf_y):
         probe = fit()  # closed form on the saved buffer: the same probe the run had
     sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set)
-    logger = C.RunLogger(args.out, resume_step=start)
+    logger = C.RunLogger(args.out, start, args.report_to)
     n, P = args.group_size, args.prompts_per_step
 
     if start == 0 and eval_set:
@@ -431,7 +432,8 @@ def main(args: Args):
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):
             C.save_checkpoint(args.out, step, {"policy": (policy, optimizer)},
-                              {"cursor": stream.cursor, "buffer_X": buf_X, "buffer_y": buf_y})
+                              {"cursor": stream.cursor, "buffer_X": buf_X, "buffer_y": buf_y},
+                              keep=args.keep_checkpoints)
     return logger.path
 
 

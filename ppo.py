@@ -196,6 +196,7 @@ def fit_critic(critic, optimizer, batch: dict, scores, args, epochs: int, log=No
 
 
 def main(args: Args):
+    C.start_run(args, "ppo", args.steps)  # OUT/config.json; refuses a mismatched --resume
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
@@ -220,7 +221,7 @@ def main(args: Args):
         start, stream.cursor = state["step"], state["extra"]["cursor"]
     sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set,
                             others={"critic": (critic.config, True)})  # the plan counts the critic's memory
-    logger = C.RunLogger(args.out, resume_step=start)
+    logger = C.RunLogger(args.out, start, args.report_to)
     G, P, mbs = args.group_size, args.prompts_per_step, args.micro_batch_size
 
     if start == 0 and eval_set:
@@ -276,7 +277,7 @@ def main(args: Args):
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):
-            C.save_checkpoint(args.out, step, parts, {"cursor": stream.cursor})
+            C.save_checkpoint(args.out, step, parts, {"cursor": stream.cursor}, keep=args.keep_checkpoints)
     return logger.path
 
 

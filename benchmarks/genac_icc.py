@@ -46,7 +46,7 @@ def train_critic(icc: bool, a, out: Path) -> Path:
 def critic_values(folder: Path, icc: bool, problems, a, tok, actor) -> tuple[np.ndarray, float]:
     """Mean parsed value of the empty state of each problem over --critic-samples samples; the parse-fail share."""
     model, _, path = C.load_model(str(folder))
-    ema = torch.load(folder.parent / "state.pt", weights_only=False)["extra"]["ema"]
+    ema = C.read_state(folder.parent / "state.pt")["extra"]["ema"]
     sampler = C.make_sampler("hf", model, tok, path, torch.float32)
     args = C.parse_args(genac.Args, stage_flags(icc, a))  # the settings the stages ran with
     states = [genac.State(p.question, "", args.max_new_tokens) for p in problems] * a.critic_samples

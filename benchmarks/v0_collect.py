@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common as C  # noqa: E402
@@ -33,7 +32,8 @@ class CollectArgs:
     skip: int = arg(0, "start at this problem index (disjoint context / query sets from one source)")
     n: int = arg(8, "rollouts per problem (the score is their mean +-1 reward)")
     max_new_tokens: int = arg(48, "response length limit")
-    out: str = arg("data/v0_arith/context.jsonl", "rows file; prompt_dict.json is written (merged) beside it")
+    out: str = arg("runs/v0_collect/context.jsonl", "rows file; prompt_dict.json is written (merged) beside it")
+    overwrite: bool = arg(False, "replace --out when it exists (a file in the project's data/, say)")
     type: str = arg("context", "the rows' `type` field (the authors use context / train_query)")
     dataset: str = arg("", "dataset name in the rows (default: from --data)")
     sampler: str = arg("auto", "rollout backend", choices=["auto", "hf", "vllm"])
@@ -45,7 +45,7 @@ def policy_spec(spec: str) -> tuple[str, str, int]:
     """'runs/x' (a run folder) -> (its ckpt/policy, label, step); anything else -> (spec, label, 0)."""
     run = Path(spec)
     if (run / "ckpt" / "state.pt").exists():
-        step = torch.load(run / "ckpt" / "state.pt", weights_only=False)["step"]
+        step = C.read_state(run / "ckpt" / "state.pt")["step"]
         return str(run / "ckpt" / "policy"), run.name, int(step)
     return spec, Path(spec).name if Path(spec).exists() else spec, 0
 
@@ -82,6 +82,8 @@ def write_prompts(folder, prompts: dict):
 def main(args: CollectArgs):
     C.seed_everything(args.seed)
     dataset = args.dataset or dataset_name(args.data)
+    if Path(args.out).exists() and not args.overwrite:
+        raise SystemExit(f"--out {args.out} exists: choose another file, or pass --overwrite to replace it")
     problems = C.load_problems(args.data)[args.skip:args.skip + args.problems]
     ids = list(range(args.skip, args.skip + len(problems)))  # the row id = position in --data
     rows = []

@@ -81,6 +81,7 @@ class GrpoArgs(C.TrainArgs):
 
 
 def main(args: GrpoArgs):
+    C.start_run(args, "v0_grpo", args.steps)
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
@@ -94,7 +95,7 @@ def main(args: GrpoArgs):
         state = C.load_checkpoint(args.out, {"policy": (policy, optimizer)})
         start, stream.cursor, history = state["step"], state["extra"]["cursor"], state["extra"]["history"]
     sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set)
-    logger = C.RunLogger(args.out, resume_step=start)
+    logger = C.RunLogger(args.out, start, args.report_to)
     P, G = args.prompts_per_step, args.group_size
     budget = P * G
     if start == 0 and eval_set:
@@ -158,7 +159,8 @@ def main(args: GrpoArgs):
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):
-            C.save_checkpoint(args.out, step, {"policy": (policy, optimizer)}, {"cursor": stream.cursor, "history": history})
+            C.save_checkpoint(args.out, step, {"policy": (policy, optimizer)},
+                              {"cursor": stream.cursor, "history": history}, keep=args.keep_checkpoints)
     return logger.path
 
 
