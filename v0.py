@@ -599,10 +599,12 @@ def allocate_budget(p, budget: int, n_min: int, n_max: int) -> np.ndarray:
     return n
 
 
-def initial_history(v0_ckpt, spec: str = "auto", n: int = 64, policy: str | None = None) -> list[tuple[str, float]]:
+def initial_history(v0_ckpt, spec: str = "auto", n: int = 64, policy: str | None = None,
+                    step: int | None = None) -> list[tuple[str, float]]:
     """The last n rows to start a policy's history from: spec 'auto' (the V0 checkpoint's own context.jsonl,
     collected from the base policy), a rows .jsonl (with prompt_dict.json beside it), or 'none'.
-    policy (e.g. 'smollm2-135m@T0.7'): keep only the rows collected from that model at that temperature.
+    policy (e.g. 'smollm2-135m@T0.7', or the authors' 'Qwen3-4B-Instruct'): keep only the rows of that model
+    (at that temperature); step (e.g. 16): only the rows of that training step.
     -> [(prompt text, success rate)], oldest first"""
     if spec == "none":
         return []
@@ -612,7 +614,8 @@ def initial_history(v0_ckpt, spec: str = "auto", n: int = 64, policy: str | None
             return []
         raise SystemExit(f"--history-init {spec}: no such rows file (or 'auto', or 'none')")
     prompts = read_prompts(path.parent / "prompt_dict.json")
-    rows = [r for r in read_rows(path, prompts) if policy is None or r.get("model") == policy]
+    rows = [r for r in read_rows(path, prompts)
+            if (policy is None or r.get("model") == policy) and (step is None or r.get("step") == step)]
     return [(prompts[prompt_key(r)], success_rate(r["score"])) for r in rows][-n:]
 
 

@@ -46,12 +46,14 @@ Choices that are ours, not the paper's
     they return (sure_extra): the same k, rewards and baseline (tested), in fewer rounds; --round-max caps a round.
   - --scale-std divides by the Bernoulli std of a +-1 reward, 2 sqrt(mu (1 - mu)) floored at 0.2 (a group's own
     std can be 0 where its advantage is not).
-  - The prior's V0 (--v0 auto), pretrained/v0-smollm2-arith-ck, is v0.py's model trained on the base policy at
-    three temperatures and on three of its GRPO checkpoints: on (model, training step) tasks, as the paper's V0.
+  - The prior's V0 (--v0 auto): for smollm2-135m, pretrained/v0-smollm2-arith-ck, v0.py's model trained on the base
+    policy at three temperatures and on three of its GRPO checkpoints, on (model, training step) tasks as the
+    paper's V0; for any other policy, pretrained/v0-generalist, v0.py trained on the V0 authors' released rows
+    (v0_start).
   - V0's context: a FIFO of the policy's (prompt, empirical success rate) rows, --history 16 long (the paper's V0
     reads rows of one (model, step); older rows describe a policy that has moved), plus (--fresh-context) this
     step's other prompts' k_init rates, leaving out prompt i's own (the test compares V with them). It starts
-    (--history-init auto) from the rows V0's checkpoint carries of --model at --temperature; --warmup-prompts N
+    (--history-init auto) from the rows V0's checkpoint carries of --model (v0_start), else empty; --warmup-prompts N
     adds a warm-up (N x k_init rollouts at step 0, counted, from the far end of the stream's first pass:
     warmup_problems). With no context a prompt gets --prior-constant. V0 is never updated here.
   - Ablation priors: oracle = Monte-Carlo p from --oracle-k extra rollouts + N(0, --prior-noise), clipped; constant
@@ -97,12 +99,13 @@ class Args(C.TrainArgs):
     scale_std: bool = arg(False, "divide A by the +-1 reward's Bernoulli std 2 sqrt(mu (1 - mu)) (floored at 0.2)")
     prior: str = arg("v0", "v0: the V0 model; oracle: Monte-Carlo p + noise; constant; corrupt: oracle, but far "
                      "off on --corrupt-frac of prompts", choices=["v0", "oracle", "constant", "corrupt"])
-    v0: str = arg("auto", f"V0 checkpoint (auto: the shipped {V0_DEFAULT} when it was trained for --model)")
+    v0: str = arg("auto", f"V0 checkpoint (auto: the shipped {V0_DEFAULT} when it was trained for --model, else "
+                  "the generalist pretrained/v0-generalist)")
     history: int = arg(16, "the policy's most recent (prompt, success rate) rows V0 reads as context (ours)")
     fresh_context: bool = arg(True, "V0 also reads this step's other prompts' k_init success rates (leave-one-out; "
                               "ours: they are the only rows of the policy as it is now)")
     history_init: str = arg("auto", "rows the history starts from: auto (the V0 checkpoint's context.jsonl rows of "
-                            "--model at --temperature), a rows .jsonl (prompt_dict.json beside it), or none")
+                            "--model, if any), a rows .jsonl (prompt_dict.json beside it), or none")
     warmup_prompts: int = arg(0, "prompts rolled out k_init times before step 1 only to seed the history, counted in "
                               "the spend (0: none; the history starts from --history-init)")
     prior_noise: float = arg(0.1, "oracle/corrupt: std of the Gaussian noise added to the Monte-Carlo p")
@@ -404,6 +407,7 @@ def log_prompts(path, step: int, problems: list[C.Problem], rewards: list[list[f
 
 
 def main(args: Args):
+    C.start_run(args, "v05", args.steps)  # OUT/config.json; refuses a mismatched --resume
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     v0model, backbone = V0.load_v0(v0_checkpoint(args)) if args.prior == "v0" else (None, None)
@@ -422,7 +426,7 @@ def main(args: Args):
         if init["warning"]:
             print(f"v05: warning: {init['warning']}")
     sampler = C.sampler_for(args, policy, tok, path, dtype, train_set + eval_set)
-    logger = C.RunLogger(args.out, resume_step=start)
+    logger = C.RunLogger(args.out, start, args.report_to)
     prompt_log = Path(args.out) / "prompts.jsonl"  # one row per prompt and step: where the budget went, and why
     C.keep_steps(prompt_log, start)
 
@@ -498,7 +502,7 @@ def main(args: Args):
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):
             C.save_checkpoint(args.out, step, {"policy": (policy, optimizer)},
-                              {"cursor": stream.cursor, "history": history})
+                              {"cursor": stream.cursor, "history": history}, keep=args.keep_checkpoints)
     return logger.path
 
 

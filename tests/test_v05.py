@@ -393,11 +393,70 @@ def test_history_starts_from_the_rows_v0_carries_of_this_policy():
         v05.V0.initial_history(v05.V0_DEFAULT, "runs/nope.jsonl", 16)
 
 
-def test_no_matching_v0_says_how_to_make_one():
-    with pytest.raises(SystemExit, match="benchmarks/v0_collect.py"):
-        v05.v0_checkpoint(v05.Args(model="Qwen3-4B"))
-    assert v05.v0_checkpoint(v05.Args()) == v05.V0_DEFAULT
-    assert v05.v0_checkpoint(v05.Args(model="Qwen3-4B", v0="runs/mine")) == "runs/mine"
+def test_the_default_policy_gets_the_arith_v0_and_its_own_rows():
+    init = v05.v0_start(v05.Args())
+    assert v05.v0_checkpoint(v05.Args()) == init["ckpt"] == v05.V0_DEFAULT
+    assert init["history"] == v05.V0.initial_history(v05.V0_DEFAULT, "auto", 16, "smollm2-135m@T0.7")
+    assert len(init["history"]) == 16 and init["fresh_context"] and init["warning"] is None
+    assert v05.V0_DEFAULT in init["line"] and "16 of its rows of smollm2-135m@T0.7" in init["line"]
+    init = v05.v0_start(v05.Args(temperature=0.5, fresh_context=False))  # no rows at this temperature
+    assert init["ckpt"] == v05.V0_DEFAULT and init["history"] == [] and init["fresh_context"]
+    assert not v05.v0_start(v05.Args(fresh_context=False))["fresh_context"]  # a history: the flag holds
+
+
+def test_qwen3_4b_gets_the_generalist_and_the_authors_step_16_rows_of_it():
+    want = v05.V0.initial_history(v05.V0_GENERALIST, "auto", 16, "Qwen3-4B-Instruct", 16)
+    assert len(want) == 16
+    for model in ["Qwen3-4B", "Qwen/Qwen3-4B-Instruct-2507", "/models/qwen3-4b-instruct-2507/"]:
+        init = v05.v0_start(v05.Args(model=model))
+        assert init["ckpt"] == v05.V0_GENERALIST and init["history"] == want, model
+        assert init["warning"] is None and "Qwen3-4B-Instruct (step 16)" in init["line"]
+    init = v05.v0_start(v05.Args(model="R1-Distill-1.5B", history=600))  # all 512 of its step-16 rows
+    assert init["history"] == v05.V0.initial_history(v05.V0_GENERALIST, "auto", 600, "DeepSeek-R1-Distill-Qwen-1.5B")
+    assert len(init["history"]) == 512 and init["warning"] is None
+    names = {"Qwen3-4B-Instruct", "DeepSeek-R1-Distill-Qwen-1.5B"}
+    assert v05.rows_name("Qwen/Qwen3-4B", names) is None  # the base model is not the instruct one the rows are of
+    assert v05.rows_name("Qwen3-0.6B", names) is None and v05.rows_name("smollm2-135m", names) is None
+    init = v05.v0_start(v05.Args(model="Qwen3-0.6B"))  # the family, not the model: no rows, no warning
+    assert init["ckpt"] == v05.V0_GENERALIST and init["history"] == [] and init["warning"] is None
+
+
+def test_a_folder_no_v0_was_made_for_gets_the_generalist_an_empty_history_fresh_context_and_a_warning(tmp_path):
+    other = tmp_path / "other-policy"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    init = v05.v0_start(v05.Args(model=str(other), fresh_context=False))
+    assert init["ckpt"] == v05.V0_GENERALIST and init["history"] == [] and init["fresh_context"]
+    assert "no rows" in init["line"] and "this step's k_init rates" in init["line"]
+    assert "never saw" in init["warning"] and "Qwen3-4B-Instruct" in init["warning"]
+    (other / "config.json").write_text(json.dumps({"model_type": "qwen3"}))  # a Qwen3 of its own: no warning
+    assert v05.v0_start(v05.Args(model=str(other)))["warning"] is None
+    assert v05.v0_start(v05.Args(v0=v05.V0_GENERALIST))["warning"]  # smollm2 on the generalist, by --v0
+
+
+def test_an_explicit_v0_that_is_not_one_fails_naming_the_flag(tmp_path):
+    for v0 in ["runs/nope", str(tmp_path)]:
+        with pytest.raises(SystemExit, match=f"--v0 {v0}: not a V0 checkpoint"):
+            v05.v0_checkpoint(v05.Args(model="Qwen3-4B", v0=v0))
+    assert v05.v0_checkpoint(v05.Args(model="Qwen3-4B", v0=v05.V0_DEFAULT)) == v05.V0_DEFAULT
+
+
+def test_the_generalist_ships_the_authors_step_16_rows_and_only_their_prompts():
+    """pretrained/v0-generalist stands alone: weights, config, and the V0 authors' context rows of GRPO step 16 with
+    exactly the prompts they reference (those of ../shared/data/v0, where it is present)."""
+    ck = ROOT / v05.V0_GENERALIST
+    assert sum(f.stat().st_size for f in ck.iterdir()) < 4 * 2**20  # a few MB
+    prompts = v05.V0.read_prompts(ck / "prompt_dict.json")
+    rows = v05.V0.read_rows(ck / "context.jsonl", prompts)
+    assert {(r["model"], r["step"], r["type"]) for r in rows} == {
+        ("Qwen3-4B-Instruct", 16, "context"), ("DeepSeek-R1-Distill-Qwen-1.5B", 16, "context")}
+    assert set(prompts) == {v05.V0.prompt_key(r) for r in rows}
+    shared = ROOT.parent / "shared" / "data" / "v0"
+    if shared.exists():
+        theirs = v05.V0.read_rows(shared / "context.jsonl")
+        assert rows == [r for r in theirs if r["step"] == 16]
+        all_prompts = v05.V0.read_prompts(shared / "prompt_dict.json")
+        assert all(all_prompts[k] == v for k, v in prompts.items())
 
 
 def test_flags_that_make_no_sense_are_rejected_naming_the_flag(capsys):
@@ -473,6 +532,28 @@ def test_resume_continues_exactly(v05_run, tmp_path):
     assert (v05_run / "prompts.jsonl").read_text() == (tmp_path / "prompts.jsonl").read_text()
     wa, wb = (load_file(o / "ckpt" / "policy" / "model.safetensors") for o in (v05_run, tmp_path))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_a_policy_no_v0_was_made_for_runs_on_the_generalist(tmp_path):
+    """--model a folder (the embedded model under another name): the generalist V0, an empty history, a warning, and
+    at step 1 each prompt's prior is V0 on the other prompt's k_init rate alone."""
+    other = tmp_path / "other-policy"
+    other.mkdir()
+    for f in v05.C.embedded_model_folder().iterdir():
+        (other / f.name).symlink_to(f)
+    out = tmp_path / "run"
+    p = run("--model", str(other), *TINY[:1], "1", *TINY[2:12], "--eval-problems", "0", "--seed", "1",
+            "--out", str(out))
+    assert f"V0 {v05.V0_GENERALIST}" in p.stdout and "no rows" in p.stdout and "v05: warning: V0 never saw" in p.stdout
+    r = rows(out)
+    assert [x["step"] for x in r] == [0, 1]
+    for key in ("k_mean", "test_reject_rate", "w_mean", "prior_mean", "rollouts", "acc", "grad_norm"):
+        assert r[1][key] is not None, key
+    step = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    init = np.array([np.mean(y["rewards"][:2]) for y in step])
+    want = v05.prior_from_v0(*v05.V0.load_v0(v05.V0_GENERALIST), [], [y["question"] for y in step], init)
+    np.testing.assert_allclose([y["prior"] for y in step], want, atol=1e-5)
 
 
 @pytest.mark.slow
