@@ -1367,7 +1367,10 @@ def start_run(args, method: str, steps: int | None = None, free: tuple = ()) -> 
     -> the settings written"""
     out = Path(args.out)
     path, ckpts = out / "config.json", [out / "ckpt", out / "ckpt.old", *out.glob("ckpt-*")]
-    settings = {"method": method, "commit": git_commit(), "args": json.loads(json.dumps(dataclasses.asdict(args)))}
+    inside = lambda v: "OUT" + v[len(str(out)):] if isinstance(v, str) and v.startswith(str(out)) else v  # noqa: E731
+    # a path inside OUT is kept relative to it, so a run folder that moved still resumes as itself
+    settings = {"method": method, "commit": git_commit(),
+                "args": {k: inside(v) for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()}}
     if args.resume:
         saved = json.loads(path.read_text()) if path.exists() else None
         if saved is None:

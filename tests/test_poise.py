@@ -415,7 +415,7 @@ def test_the_run_trains_the_probe_on_the_siblings_rewards(poise_run):
     """main's buffer holds t_i, not r_i: with n = 3, t_i = (S - r_i) / 2 for the group's reward sum S, so
     r_i = S - 2 t_i must be 0 or 1 (with r_i stored instead, a group [1, 0, 0] decodes to [-1, 1, 1]); the run
     has a group with mixed rewards, or the check could not tell."""
-    y = np.asarray(torch.load(poise_run / "ckpt" / "state.pt", weights_only=False)["extra"]["buffer_y"]).reshape(-1, 3)
+    y = np.asarray(C.read_state(poise_run / "ckpt" / "state.pt")["extra"]["buffer_y"]).reshape(-1, 3)
     r = y.sum(1, keepdims=True) - 2 * y
     assert np.isin(r.round(6), [0.0, 1.0]).all(), r
     assert ((r.min(1) == 0) & (r.max(1) == 1)).any()

@@ -174,10 +174,13 @@ def test_report_to_tensorboard_and_wandb(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- kill -9 mid-run, then --resume, every method
 
-TINY = ["--data", "arith", "--eval-problems", "2", "--steps", "4", "--save-every", "1", "--prompts-per-step", "2",
-        "--max-new-tokens", "6", "--micro-batch-size", "2", "--sampler", "hf", "--thinking", "off"]
-OWN = {"grpo": ["--group-size", "2"], "ppo": [], "dvpo": ["--collect-problems", "2", "--collect-n", "2"],
-       "genac": ["--sft-problems", "2", "--sft-n", "2", "--pretrain-steps", "1", "--segment", "3",
+# every method's paper preset (test_gpu_path runs the same with vLLM), shrunk to seconds
+TINY = ["--preset", "paper", "--data", "arith", "--eval-data", "arith:test", "--eval-problems", "2", "--eval-n", "2",
+        "--steps", "4", "--save-every", "1", "--prompts-per-step", "2", "--max-new-tokens", "6", "--micro-batch-size",
+        "2", "--sampler", "hf", "--thinking", "off"]
+OWN = {"grpo": ["--group-size", "2"], "ppo": ["--critic-model", ""],
+       "dvpo": ["--gvm-model", "", "--collect-problems", "2", "--collect-n", "2"],
+       "genac": ["--critic", "", "--sft-problems", "2", "--sft-n", "2", "--pretrain-steps", "1", "--segment", "3",
                  "--critic-max-tokens", "4"], "poise": ["--warmup-steps", "1", "--rloo-steps", "2"],
        "v05": ["--prior", "constant", "--k-max", "6"]}
 VOLATILE = ("time_", "peak_mem_gb")
@@ -210,3 +213,5 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_metrics(method, qwen
     res = subprocess.run([*cmd, "--out", str(cut), "--resume"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert rows_of(cut) == rows_of(whole)
+    last = rows_of(whole)[-1]
+    assert last["step"] == 4 and 0.0 <= last["clipped_ratio"] <= 1.0 and last["eval_acc"] is not None
