@@ -421,7 +421,6 @@ def train(args: Args):
         correct = torch.tensor(correct)  # [B], B = P * G, grouped by prompt
         batch = C.collate(rollouts, tok.pad_token_id, dev)
         mask = batch["response_mask"]
-
         sampler.sleep()  # GPU: the engine frees its memory for the update (--vllm-sleep)
 
         with timer("time_train"):

@@ -91,7 +91,7 @@ import torch
 import common as C
 from common import arg
 
-SETTINGS = C.presets(  # --preset: the shared values (common.CPU, common.PAPER) and these
+PRESET = C.presets(  # --preset: the shared values (common.CPU, common.PAPER) and these
     cpu=dict(eps_high=0.2, dual_clip=0.0),
     paper=dict(prompts_per_step=256, eps_high=0.28, dual_clip=10.0, minibatch_size=64))
 
@@ -100,7 +100,7 @@ SETTINGS = C.presets(  # --preset: the shared values (common.CPU, common.PAPER) 
 class Args(C.TrainArgs):
     """POISE: a ridge probe on the policy's hidden states and entropies, cross-rollout baseline, no critic."""
     out: str = arg("runs/poise", "run folder: metrics.jsonl, checkpoints")
-    PRESETS: ClassVar[dict] = {"preset": SETTINGS}
+    PRESETS: ClassVar[dict] = {"preset": PRESET}
     eps_high: float | None = arg(None, "PPO clip: ratio upper bound 1 + eps_high (default: set by --preset)")
     dual_clip: float | None = arg(None, "dual-clip constant c for negative advantages, 0: off (default: set by "
                                   "--preset)")
