@@ -134,9 +134,9 @@ class TrainArgs:
     max_model_len: int = arg(0, "vLLM's longest sequence in tokens; 0: the longest prompt plus --max-new-tokens")
     vllm_sleep: bool = arg(True, "GPU: free the vLLM engine's memory during each update (sleep mode), woken for "
                            "sampling")
-    share_prompts: bool = arg(False, "run a group's shared prompt through the decoder once in the update "
+    share_prompts: bool = arg(True, "run a group's shared prompt through the decoder once in the update "
                               "(common.shared_prompt_states): fewer training tokens, the same log-probs and gradients up "
-                              "to float rounding, deterministic (--resume exact)")
+                              "to float rounding, deterministic (--resume exact); off under --grad-checkpointing")
     logp_chunk: int = arg(1024, "tokens per chunk of the lm-head/log-softmax (memory vs speed); 0: all at once "
                           "and no recompute in backward (fastest; the [tokens, vocab] logits are kept)")
     grad_checkpointing: bool | None = arg(None, "recompute each decoder layer's activations in backward instead of "

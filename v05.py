@@ -111,8 +111,6 @@ class Args(C.TrainArgs):
     prior_noise: float = arg(0.1, "oracle/corrupt: std of the Gaussian noise added to the Monte-Carlo p")
     prior_constant: float = arg(0.5, "constant: the prior every prompt gets")
     corrupt_frac: float = arg(0.25, "corrupt: share of prompts whose prior is set to the far end")
-    share_prompts: bool = arg(True, "run a prompt through the decoder once for all its 4-16 rollouts in the update "
-                              "(common.shared_prompt_states; ours: same numbers up to float rounding)")
 
     def __post_init__(self):
         super().__post_init__()
