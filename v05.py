@@ -3,63 +3,30 @@
 Paper
   V_{0.5}: Generalist Value Model as a Prior for Sparse RL Rollouts, arXiv 2603.10848 (no official code found)
 
-What the method is (the formulas: a third-party reading consistent with the abstract; full text not checked)
-  GRPO needs a group of G ~ 16 rollouts per prompt for its group-mean baseline to be accurate. V0 (v0.py)
-  predicts a prompt's success rate before any rollout, from the policy's own recent history in context. V0.5
-  starts from k_init = 4 rollouts, treats V0's prediction V as a prior, and fuses it with the sparse empirical
-  mean v_k. On the +-1 reward scale, s2 = 1 is one reward's (worst-case) variance and s2/k that of v_k:
-      D2 = max(0, (v_k - V)^2 - s2/k)      shrinkage estimate of the prior's squared bias      -> shrinkage
-      w  = D2 / (D2 + s2/k)                 shrinkage weight on the rollouts                     -> shrinkage
-      mu = w * v_k + (1 - w) * V            the fused baseline                                   -> fuse
-  The positive part is a hypothesis test: H0 "the prior is right" is kept when (v_k - V)^2 <= s2/k, i.e.
-  |z| <= 1 with z = (v_k - V) / sqrt(s2/k); then mu = V exactly: a two-sided z-test at level
-  alpha = 2 (1 - Phi(1)) ~ 0.317, run by fuse at --alpha                                  -> z_test_rejects
-  That level is exact for Gaussian rewards of variance s2; for Bernoulli rewards and a right prior the true
-  false-rejection rate depends on k and p (exact enumeration: benchmarks/v05_sim.py --size).
-  Budget: the risk of stopping at k is the baseline's estimated MSE plus the rollouts' cost,
-      R(k) = MSE(k) + c k,   MSE(k) = D2 (s2/k) / (D2 + s2/k)                                  -> risk, mse
-  and a prompt gets one more rollout while R(k+1) < R(k), i.e. MSE(k) - MSE(k+1) > c (c = 0.0039 ~ 1/16^2),
-  up to k_max = 16 -> wants_more, adaptive_rollouts (the gain is below 1/(k (k+1)): c alone stops every prompt by
-  k = 16). Where the prior agrees (D2 = 0) the prompt stops at k_init; where it is wrong, rollouts are bought.
+What the method changes (the formulas: a third-party reading consistent with the abstract; full text not checked)
+  GRPO's group-mean baseline needs G ~ 16 rollouts per prompt. V0.5 starts from k_init = 4, treats V0's (v0.py)
+  prediction V as a prior and fuses it with the sparse empirical mean v_k; s2 = 1 is one +-1 reward's (worst-case)
+  variance, s2/k that of v_k; the positive part is a z-test at level 2 (1 - Phi(1)) ~ 0.317. Equation -> function:
+      V: V0's p(x), in context of the policy's recent (prompt, success rate) rows              -> prior_from_v0
+      D2 = max(0, (v_k - V)^2 - s2/k)       shrinkage estimate of the prior's squared bias     -> shrinkage
+      w  = D2 / (D2 + s2/k)                 shrinkage weight on the rollouts                   -> shrinkage
+      mu = w * v_k + (1 - w) * V            the fused baseline, from 0/1 counts                -> fuse
+      D2 > 0 <=> |z| > 1                    z = (v_k - V) / sqrt(s2/k): H0 "V is right" fails  -> z_test_rejects
+      R(k) = MSE(k) + c k, MSE(k) = D2 (s2/k) / (D2 + s2/k): the risk of stopping at k         -> risk, mse
+      one more rollout while R(k+1) < R(k) (c = 0.0039 ~ 1/16^2), up to k_max = 16             -> wants_more
+      the budget, batched across prompts (sure_extra; also drives benchmarks/v05_sim.py)       -> adaptive_rollouts
 
-Equation -> function
-  D2, w ........................... shrinkage          (any reward scale, given its s2)
-  the test ........................ z_test_rejects (scipy's critical value at --alpha), binomial_rejects
-  mu on 0/1 counts ................ fuse (the test, then the shrinkage)
-  MSE(k), R(k), look-ahead ........ mse, risk, wants_more
-  sequential budget, batched ...... sure_extra, adaptive_rollouts (also drives benchmarks/v05_sim.py)
-  the prior ....................... prior_from_v0 (v0.predict), noisy_oracle_prior, corrupt_prior
-
-Choices that are ours, not the paper's
-  - The policy loss (the sources give none for V0.5; the paper compares with GRPO and DAPO): A_i = r_i - mu on
-    the +-1 scale, no std division (v05_advantages), broadcast over rollout i's tokens into common.policy_loss
-    with the shared defaults (token-mean, clip 0.2 / 0.2, no dual-clip, one epoch) and no KL term (--kl-coef must
-    be 0: no reference policy is kept). Rewards stay 0/1 in the trainer; fuse converts to +-1 and back (the
-    fusion is scale-equivariant: 0/1 with s2 = 1/4 gives the same w and decisions, tested; only c is tied to the
-    +-1 scale). A = (2 r - 1) - (2 mu - 1): on the 0/1 scale it would be half GRPO's step.
-  - --alpha other than 2 (1 - Phi(1)): the z-test rejects when |z| > z* = Phi^{-1}(1 - alpha/2), and the bias
-    estimate moves with it, D2 = max(0, (v_k - V)^2 - z*^2 s2/k), so the rollouts get weight exactly where the
-    test rejects. z* = 1 exactly at the default level: the rule above, bit for bit (tested).
-  - --test binomial: scipy.stats.binomtest of H0: p = V on the 0/1 counts at --alpha. When it rejects, the
-    squared bias is the plug-in (v_k - V)^2 (a variance correction could make it 0 although the test rejected).
-  - Batching: a round samples, in one generate call, every rollout the one-at-a-time rule is sure to buy whatever
-    they return (sure_extra): the same k, rewards and baseline (tested), in fewer rounds; --round-max caps a round.
-  - --scale-std divides by the Bernoulli std of a +-1 reward, 2 sqrt(mu (1 - mu)) floored at 0.2 (a group's own
-    std can be 0 where its advantage is not).
-  - The prior's V0 (--v0 auto): for smollm2-135m, pretrained/v0-smollm2-arith-ck, v0.py's model trained on the base
-    policy at three temperatures and on three of its GRPO checkpoints, on (model, training step) tasks as the
-    paper's V0; for any other policy, pretrained/v0-generalist, v0.py trained on the V0 authors' released rows
-    (v0_start).
-  - V0's context: a FIFO of the policy's (prompt, empirical success rate) rows, --history 16 long (the paper's V0
-    reads rows of one (model, step); older rows describe a policy that has moved), plus (--fresh-context) this
-    step's other prompts' k_init rates, leaving out prompt i's own (the test compares V with them). It starts
-    (--history-init auto) from the rows V0's checkpoint carries of --model (v0_start), else empty; --warmup-prompts N
-    adds a warm-up (N x k_init rollouts at step 0, counted, from the far end of the stream's first pass:
-    warmup_problems). With no context a prompt gets --prior-constant. V0 is never updated here.
-  - Ablation priors: oracle = Monte-Carlo p from --oracle-k extra rollouts + N(0, --prior-noise), clipped; constant
-    = --prior-constant; corrupt = the noisy oracle, but the far end (1 if p < 0.5 else 0) on --corrupt-frac of prompts.
-  - test_reject_rate is measured at k_init (the decision that buys extra rollouts). acc is the mean of the
-    prompts' success rates (each prompt weighs the same, as in GRPO), reward the mean over all rollouts.
+Choices that are ours, not the paper's (each in full: docs/v05.md#choices-that-are-ours)
+  - The policy loss: A_i = r_i - mu on the +-1 scale (v05_advantages; --scale-std: / 2 sqrt(mu (1 - mu)), floored at
+    0.2), over rollout i's tokens into common.policy_loss with the shared defaults, no KL term (--kl-coef 0).
+  - --alpha: reject when |z| > z* = Phi^{-1}(1 - alpha/2) (z_critical), and D2 subtracts z*^2 s2/k (z* = 1 at the
+    default). --test binomial: scipy's exact test of H0: p = V (binomial_rejects); D2 then the plug-in (v_k - V)^2.
+  - Batching: a round samples every rollout the one-at-a-time rule is sure to buy (sure_extra); --round-max caps it.
+  - V0 (--v0 auto: v0_checkpoint; never updated here): the arith V0_DEFAULT for smollm2-135m, else V0_GENERALIST.
+    Its context: the policy's last --history 16 rows, from V0's rows of --model (v0_start) or a warm-up
+    (warmup_problems), plus (--fresh-context) this step's other prompts' k_init rates; none: --prior-constant.
+  - Ablation priors: oracle (Monte-Carlo p + noise; noisy_oracle_prior), constant, corrupt (corrupt_prior).
+  - Metrics: test_reject_rate is the test's at k_init; acc weighs each prompt the same (as GRPO), reward each rollout.
 """
 from __future__ import annotations
 
@@ -79,6 +46,8 @@ import v0 as V0  # the one allowed cross-import: V0.5 is V0 plus fusion
 from common import arg
 
 V0_DEFAULT = "pretrained/v0-smollm2-arith-ck"  # committed; V0 trained on the base policy and 3 of its GRPO checkpoints
+V0_GENERALIST = "pretrained/v0-generalist"  # committed; v0.py trained on the V0 authors' rows (NOTICE, docs/v0.md)
+GENERALIST_FAMILY = "qwen"  # the policies behind its rows: Qwen3-4B-Instruct and DeepSeek-R1-Distill-Qwen-1.5B
 ALPHA = float(2 * stats.norm.sf(1.0))  # 2 (1 - Phi(1)) ~ 0.3173: the level of the paper's |z| <= 1 rule
 COST = 0.0039  # c, on the +-1 reward scale: about 1/16^2
 
@@ -137,17 +106,15 @@ def z_critical(alpha: float = ALPHA) -> float:
 
 
 def shrinkage(v_k, V, k, s2: float = 1.0, z2: float = 1.0):
-    """D2 = max(0, (v_k - V)^2 - z2 s2/k),  w = D2 / (D2 + s2/k).  Arrays broadcast -> (w, D2).
-    s2: one reward's variance (1 for +-1 rewards, 1/4 for 0/1: the worst-case Bernoulli's); s2/k: v_k's.
-    z2 = 1: the paper's estimate. z2 = z*^2 (ours, another --alpha): D2 > 0 exactly where z_test_rejects."""
+    """D2 = max(0, (v_k - V)^2 - z2 s2/k),  w = D2 / (D2 + s2/k) -> (w, D2), arrays broadcast. s2: one reward's
+    variance (1 on +-1, 1/4 on 0/1); z2 = 1: the paper's; z2 = z*^2 (ours): D2 > 0 exactly where z_test_rejects."""
     v_k, V, se2 = np.asarray(v_k, float), np.asarray(V, float), s2 / np.asarray(k, float)
     D2 = np.maximum(0.0, (v_k - V) ** 2 - z2 * se2)
     return D2 / (D2 + se2), D2
 
 
 def z_test_rejects(v_k, V, k, s2: float = 1.0, alpha: float = ALPHA):
-    """Two-sided z-test of H0: E[v_k] = V, z = (v_k - V) / sqrt(s2/k): reject when 2 (1 - Phi(|z|)) < alpha, i.e.
-    |z| > z*, as (v_k - V)^2 - z*^2 s2/k > 0: shrinkage's D2 > 0 bit for bit (z* = 1 at ALPHA). -> bool"""
+    """Two-sided z-test of H0: E[v_k] = V at level alpha: (v_k - V)^2 - z*^2 s2/k > 0, as shrinkage's D2 > 0. -> bool"""
     se2 = s2 / np.asarray(k, float)
     return (np.asarray(v_k, float) - np.asarray(V, float)) ** 2 - z_critical(alpha) ** 2 * se2 > 0
 
@@ -160,9 +127,8 @@ def binomial_rejects(hits, k, p0, alpha: float = ALPHA):
 
 
 def fuse(hits, k, prior, test: str = "z", alpha: float = ALPHA):
-    """The fused baseline from 0/1 counts. hits, k, prior (0/1 scale, V0's p): [N].
-    Computed on the +-1 scale: v_k = 2 hits/k - 1, V = 2 p - 1, s2 = 1; the test at level alpha gates D2.
-    -> (mu [N] on the 0/1 scale, w [N], D2 [N] on the +-1 scale, reject [N] bool)"""
+    """The fused baseline from 0/1 counts hits, k, prior (V0's p) [N], computed on the +-1 scale (v_k = 2 hits/k - 1,
+    V = 2 p - 1, s2 = 1). -> (mu [N] on the 0/1 scale, w [N], D2 [N] on the +-1 scale, reject [N] bool)"""
     hits, k, prior = np.asarray(hits, float), np.asarray(k, float), np.asarray(prior, float)
     v, V = 2 * hits / k - 1, 2 * prior - 1
     if test == "z":
@@ -196,11 +162,8 @@ def wants_more(D2, k, cost: float = COST, k_max: int = 16, s2: float = 1.0):
 
 
 def sure_extra(hits, k, prior, cost: float = COST, k_max: int = 16, test: str = "z", alpha: float = ALPHA):
-    """Ours: how many more rollouts the paper's one-at-a-time rule is certain to buy, whatever they return. After
-    j more rollouts a prompt has between hits and hits + j successes; rollout j + 1 is certain when the rule
-    (re-test, wants_more) asks for more in every one of those states and every earlier one. Sampling that many in
-    one generate call changes no decision: the rule would have bought them one by one anyway.
-    hits, k, prior [N] (0/1 counts, V0's p) -> [N] int"""
+    """Ours: how many more rollouts the one-at-a-time rule (fuse, wants_more) is sure to buy whatever they return: the
+    (j+1)-th when it asks for more in every state after 0..j more. hits, k, prior [N] (0/1 counts, V0's p) -> [N] int"""
     hits, k = np.asarray(hits, float), np.asarray(k)
     m, sure = np.zeros(len(k), dtype=int), np.ones(len(k), dtype=bool)
     for j in range(k_max):  # j more rollouts drawn ...
@@ -214,13 +177,9 @@ def sure_extra(hits, k, prior, cost: float = COST, k_max: int = 16, test: str = 
 
 def adaptive_rollouts(draw, prior, k_init: int = 4, k_max: int = 16, cost: float = COST, test: str = "z",
                       alpha: float = ALPHA, round_max: int = 0) -> dict:
-    """V0.5's budget, batched across prompts: k_init rollouts each, then the prior V, then rounds of extra
-    rollouts until no prompt's look-ahead pays. Each round every prompt gets the rollouts the paper's
-    one-at-a-time rule is sure to buy (sure_extra; capped at round_max when > 0; round_max = 1 re-tests after
-    every single rollout), all prompts in one generate call: the paper's decisions, in fewer rounds.
-    draw(counts [N] int) -> N sequences of 0/1 rewards (counts[i] fresh rollouts of prompt i; 0: none);
-    prior: [N] in [0, 1], or a function of the k_init success rates [N] -> [N] (V0 reading this step's rates;
-    draw must then have len(), the number of prompts N).
+    """V0.5's budget: k_init rollouts each, the prior V, then rounds (one draw call each) of the rollouts the
+    one-at-a-time rule is sure to buy (sure_extra; at most round_max if > 0) until no look-ahead pays.
+    draw(counts [N]) -> N lists of 0/1 rewards; prior: [N], or a function of the k_init rates (draw then has len()).
     -> dict(hits, k, mu, w, D2, prior [N], reject_init [N] (the test at k_init), reject [N] (the last test), rounds)"""
     if not 1 <= k_init <= k_max:
         raise ValueError(f"need 1 <= k_init <= k_max, got k_init={k_init}, k_max={k_max}")
@@ -245,22 +204,44 @@ def adaptive_rollouts(draw, prior, k_init: int = 4, k_max: int = 16, cost: float
 
 def v05_advantages(rewards: torch.Tensor, group: torch.Tensor, mu: torch.Tensor, scale_std: bool = False,
                    std_floor: float = 0.1) -> torch.Tensor:
-    """A_i = r_i - mu_g(i) on the +-1 scale, i.e. 2 (r01_i - mu01_g(i)) from our 0/1 rewards and baselines
-    (--scale-std, ours: / the Bernoulli std of a +-1 reward, 2 max(sqrt(mu (1 - mu)), floor), which cancels the 2).
-    rewards [B] 0/1, group [B] prompt index of each rollout, mu [N] fused baselines on the 0/1 scale -> [B]"""
+    """A_i = r_i - mu_g(i) on the +-1 scale = 2 (r01_i - mu01_g(i)); --scale-std (ours) divides by the +-1 reward's
+    Bernoulli std 2 max(sqrt(mu (1 - mu)), floor). rewards [B] 0/1, group [B] prompt of each, mu [N] 0/1 -> [B]"""
     adv = 2 * (rewards - mu[group])  # (2 r - 1) - (2 mu - 1)
     if scale_std:
         adv = adv / (2 * (mu * (1 - mu)).sqrt().clamp(min=std_floor))[group]
     return adv
 
 
-V0_GENERALIST = "pretrained/v0-generalist"  # committed; v0.py trained on the V0 authors' rows (NOTICE, docs/v0.md)
-GENERALIST_FAMILY = "qwen"  # the policies behind its rows: Qwen3-4B-Instruct and DeepSeek-R1-Distill-Qwen-1.5B
+def prior_from_v0(model, backbone, history: list[tuple[str, float]], questions: list[str], fresh=None,
+                  fallback: float = 0.5) -> np.ndarray:
+    """V0's p(x_i) per question, in context of the history [(question, success rate)] and (ours) of fresh [N], this
+    step's k_init rates of the others (never prompt i's own, which the test compares V with); none: fallback. -> [N]"""
+    def p(ctx, qs):
+        if not ctx:
+            return np.full(len(qs), fallback)
+        return V0.predict(model, backbone, [c[0] for c in ctx], [c[1] for c in ctx], qs)
+    if fresh is None:
+        return p(history, questions)
+    rows = [(q, float(r)) for q, r in zip(questions, fresh)]
+    return np.array([p(history + rows[:i] + rows[i + 1:], [q])[0] for i, q in enumerate(questions)])
+
+
+def noisy_oracle_prior(p_oracle, noise: float, rng) -> np.ndarray:
+    """oracle: V = clip(p + N(0, noise^2), 0, 1)."""
+    return np.clip(np.asarray(p_oracle) + rng.normal(0.0, noise, len(p_oracle)), 0.0, 1.0)
+
+
+def corrupt_prior(p_oracle, prior, frac: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """corrupt: on a random frac of prompts, V = 1 if p < 0.5 else 0 (wrong by at least 0.5). -> (V, corrupted)"""
+    bad = rng.random(len(prior)) < frac
+    return np.where(bad, (np.asarray(p_oracle) < 0.5).astype(float), prior), bad
+
+
+# -------------------------- Where the prior starts, and the training loop -------------------------
 
 
 def v0_checkpoint(args: Args) -> str:
-    """--v0 auto: the arith V0 (V0_DEFAULT) when its rows name --model, otherwise the generalist (V0_GENERALIST,
-    v0.py trained on the V0 authors' rows of two Qwen policies). An explicit --v0 must be a V0 checkpoint."""
+    """--v0 auto: V0_DEFAULT when its rows name --model, else V0_GENERALIST; an explicit --v0 must be a V0 folder."""
     if args.v0 == "auto":
         arith = {r["model"].split("@")[0] for r in V0.read_rows(V0.v0_folder(V0_DEFAULT) / "context.jsonl")}
         return V0_DEFAULT if args.model in arith else V0_GENERALIST
@@ -272,29 +253,24 @@ def v0_checkpoint(args: Args) -> str:
 
 
 def rows_name(model: str, names) -> str | None:
-    """The rows' name for --model, among names (the V0 authors' rows name a model: 'Qwen3-4B-Instruct'). An alias
-    becomes its hub id (Qwen3-4B -> Qwen/Qwen3-4B-Instruct-2507); a hub id's or folder's last part matches a name
-    regardless of case, or a name plus a release suffix ('Qwen3-4B-Instruct-2507'). -> the longest match, or None"""
+    """The V0 authors' rows' name (e.g. 'Qwen3-4B-Instruct') for --model: its (alias-resolved) hub id's or folder's
+    last part, any case, equal to a name or a name plus a release suffix ('-2507'). -> the longest match, or None"""
     base = Path(C.MODEL_ALIASES.get(model, model).rstrip("/")).name.lower()
     fits = [n for n in names if base == n.lower() or base.startswith(n.lower() + "-")]
     return max(fits, key=len) if fits else None
 
 
 def family_seen(model: str, family: str = GENERALIST_FAMILY) -> bool:
-    """Whether --model is of the family: a folder's config.json model_type (qwen2, qwen3) says, else the name's last
-    part (an alias resolved to its hub id)."""
+    """Whether --model is of the family: by a folder's config.json model_type, else by its (alias-resolved) name."""
     cfg = Path(model) / "config.json"
     text = json.loads(cfg.read_text()).get("model_type", "") if cfg.exists() else C.MODEL_ALIASES.get(model, model)
     return family in Path(text).name.lower()
 
 
 def v0_start(args: Args) -> dict:
-    """Where the prior starts (--prior v0): the checkpoint (v0_checkpoint) and, with --history-init auto, its rows
-    of --model: our rows name a policy at a temperature (f"{model}@T0.7"), the authors' a model (rows_name). Ours:
-    of those, the earliest training step's (the authors' GRPO step 16, of 16, 64 and 256: the nearest their rows
-    come to an untrained policy). No rows: the history starts empty, and V0 then reads this step's k_init rates
-    (--fresh-context, whatever the flag says: they are all it has). A warning when the generalist never saw --model's
-    family. -> dict(ckpt, history [(question, success rate)], fresh_context, line (to print), warning or None)"""
+    """Where the prior starts (--prior v0): the checkpoint and (--history-init auto) its earliest step's rows of --model
+    (ours: f"{model}@T0.7"; the authors': rows_name); none: V0 reads the k_init rates whatever --fresh-context says;
+    a warning if the generalist never saw --model's family. -> dict(ckpt, history, fresh_context, line, warning)"""
     ckpt = v0_checkpoint(args)
     why = "--v0" if args.v0 != "auto" else ("auto: its rows name --model" if ckpt == V0_DEFAULT else
                                              "auto: the generalist, trained on the V0 authors' rows")
@@ -324,39 +300,8 @@ def v0_start(args: Args) -> dict:
     return dict(ckpt=ckpt, history=history, fresh_context=fresh, line=line, warning=warning)
 
 
-def prior_from_v0(model, backbone, history: list[tuple[str, float]], questions: list[str], fresh=None,
-                  fallback: float = 0.5) -> np.ndarray:
-    """V0's p(x_i) for each question, in context of the policy's history [(question, success rate)].
-    fresh [N] (ours, --fresh-context): this step's k_init success rates of the same questions; prompt i's context
-    then also holds the other prompts' rows (leave-one-out: V must not read prompt i's own rollouts, which the test
-    compares it with). An empty context (no history, one prompt) gives the fallback. -> [N]"""
-    def p(ctx, qs):
-        if not ctx:
-            return np.full(len(qs), fallback)
-        return V0.predict(model, backbone, [c[0] for c in ctx], [c[1] for c in ctx], qs)
-    if fresh is None:
-        return p(history, questions)
-    rows = [(q, float(r)) for q, r in zip(questions, fresh)]
-    return np.array([p(history + rows[:i] + rows[i + 1:], [q])[0] for i, q in enumerate(questions)])
-
-
-def noisy_oracle_prior(p_oracle, noise: float, rng) -> np.ndarray:
-    """oracle: V = clip(p + N(0, noise^2), 0, 1)."""
-    return np.clip(np.asarray(p_oracle) + rng.normal(0.0, noise, len(p_oracle)), 0.0, 1.0)
-
-
-def corrupt_prior(p_oracle, prior, frac: float, rng) -> tuple[np.ndarray, np.ndarray]:
-    """corrupt: on a random frac of prompts, V = 1 if p < 0.5 else 0 (wrong by at least 0.5). -> (V, corrupted)"""
-    bad = rng.random(len(prior)) < frac
-    return np.where(bad, (np.asarray(p_oracle) < 0.5).astype(float), prior), bad
-
-
-# ----------------------------------------- Training loop ------------------------------------------
-
-
 class PolicyDraw:
-    """The `draw` adaptive_rollouts calls during training: sample counts[i] rollouts of prompt i in one batched
-    generate call, score them, and keep every Rollout and reward (rollouts[i], rewards[i]: prompt i's)."""
+    """adaptive_rollouts' draw in training: counts[i] rollouts of prompt i in one generate call, scored and kept."""
 
     def __init__(self, sampler, tok, problems: list[C.Problem], args: Args, seed: int, timer=None):
         self.sampler, self.problems, self.args = sampler, problems, args
@@ -395,8 +340,7 @@ def warmup_problems(problems: list[C.Problem], seed: int, k: int) -> list[C.Prob
 
 
 def log_prompts(path, step: int, problems: list[C.Problem], rewards: list[list[float]], **per_prompt):
-    """Append this step's rows to OUT/prompts.jsonl: question, answer, the 0/1 rewards in the order drawn (the
-    first k_init are what the test saw), and any per-prompt arrays given (prior, mu, reject_init)."""
+    """Append this step's rows to OUT/prompts.jsonl: question, answer, 0/1 rewards as drawn, and per_prompt's."""
     with open(path, "a") as fh:
         for i, (p, r) in enumerate(zip(problems, rewards)):
             extra = {name: (v[i].item() if hasattr(v[i], "item") else v[i]) for name, v in per_prompt.items()}
@@ -430,8 +374,7 @@ def main(args: Args):
 
     if start == 0:  # --warmup-prompts > 0: k_init rollouts on other prompts, only to seed V0's history
         warm = warmup_problems(train_set, args.seed, args.warmup_prompts) if args.prior == "v0" else []
-        metrics = {"eval_acc": C.run_eval(sampler, tok, eval_set, args)
-                   if eval_set else None}
+        metrics = {"eval_acc": C.run_eval(sampler, tok, eval_set, args) if eval_set else None}
         if warm:
             draw = PolicyDraw(sampler, tok, warm, args, seed=C.rollout_seed(args.seed, 0))
             rates = np.array([np.mean(r) for r in draw(np.full(len(warm), args.k_init))])
@@ -472,7 +415,6 @@ def main(args: Args):
         rewards = torch.tensor([c for group in draw.rewards for c in group])  # [B], in the order of rollouts
         gidx = torch.repeat_interleave(torch.arange(len(problems)), torch.tensor(k))
         adv = v05_advantages(rewards, gidx, torch.tensor(res["mu"], dtype=torch.float32), args.scale_std)
-        # acc weighs every prompt the same (as GRPO's equal groups do), however many rollouts it got
         metrics.update(**C.batch_metrics(draw.rewards, adv, rollouts, draw.no_answer),
                        reward=rewards.mean().item(), acc=float(rates.mean()), k_mean=float(k.mean()),
                        k_max_hit=float(np.mean(k >= args.k_max)), test_reject_rate=float(res["reject_init"].mean()),
