@@ -23,11 +23,8 @@ What the method is
   With gamma = lambda = 1 and no reward, A_t telescopes to -V_t: the task signal lives in lambda < 1,
   A_t = (1 - lambda) sum_{m>=1} lambda^(m-1) V_{t+m} - V_t, i.e. tokens after which the value rises.
   rlvr (the default, ours): the verifier's r in {0, 1} added on the last token, the GVM's values raw (the 0/1 scale
-  they were trained on), no KL, lambda 1. With a terminal reward only,
-      A_t = lambda^(T-1-t) (r - V_t) + (1 - lambda) sum_{m=1}^{T-1-t} lambda^(m-1) (V_{t+m} - V_t):
-  r reaches token t with weight lambda^(T-1-t) (0.95: 0.09 at token 0 of 48, 4e-12 of 512), the rest is the GVM's
-  own value changes, biased by its errors. lambda = 1 leaves A_t = r - V_t: the GVM is a baseline whose errors cost
-  variance, never bias, which suits a weak GVM. Our reward is exact and free; the paper's setting has none.
+  they were trained on), no KL, lambda 1, so A_t = r - V_t: the GVM is a baseline whose errors cost variance, never
+  bias (at lambda < 1, r reaches token t only with weight lambda^(T-1-t): docs/dvpo.md). Our reward is exact and free.
 
 Equation -> function
   G_t ........................ td_lambda_targets     stage 1 loss and step .... gvm_update (ppo.value_loss)
@@ -36,18 +33,15 @@ Equation -> function
 
 Choices that are ours, not the paper's [official, where it differs]
   - Stage 1 data: the policy's rollouts scored by the verifier (RLVR), on problems drawn with another seed than
-    stage 2's; preference pairs (--pairs, as official) can be added or used alone (--pair-scores: mixed with 0/1
-    rollouts, +-1 pairs set the GVM's scale). Every row is read behind the chat prompt the policy sees [the raw
-    question], rollouts with their sampled ids, so the GVM reads what stage 2 shows it.
+    stage 2's; preference pairs (--pairs, as official) can be added or used alone. Every row is read behind the
+    chat prompt the policy sees [the raw question], rollouts with their sampled ids: the GVM reads what stage 2 shows.
   - The GVM starts from the policy's weights (or --gvm-model); --gvm-holdout of the prompts measure it.
-  - --whiten-values leaves padding out [each forward micro-batch, 1 row in its run, unmasked, so a row's left
-    padding to the batch's longest row counts, with values set by the other rows and the kernel].
+  - --whiten-values leaves padding out [unmasked over each forward micro-batch, its left padding included].
   - explained_variance in stage 2: the raw GVM values against each token's realised return (the outcome).
   - Recipe at CPU scale: full fine-tuning, AdamW at a constant --gvm-lr and --lr [LoRA r 8 and r 16, Adafactor 1.41e-5
     and 2e-6 decaying linearly]; GVM batches of 16, one step each [32, 2 passes of one-row steps: see --help]; the
     policy one step per batch [--epochs 4], gradients clipped at 1 [not], a fixed --max-new-tokens [drawn from 32..639
-    per batch], no mini-batch skipped [when its mean ratio > 10]. Why: peft is no dependency and LoRA saves memory 135M
-    does not need; AdamW and one step per batch are every method's here, so runs compare; the defaults fit 2 cores.
+    per batch], no mini-batch skipped [when its mean ratio > 10] (why: docs/dvpo.md).
 """
 from __future__ import annotations
 
@@ -114,12 +108,9 @@ class Args(C.TrainArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        unit, pos = (0, 1), (1, math.inf)
-        for name, (lo, hi) in {"lam": unit, "gvm_lam": unit, "gamma": unit, "kl_coef": (0, math.inf),
-                               "kl_target": (0, math.inf), "gvm_minibatch": (0, math.inf), "group_size": pos,
-                               "collect_n": pos, "gvm_epochs": pos, "gvm_batch": pos, "gvm_batch_epochs": pos}.items():
-            if not lo <= getattr(self, name) <= hi:
-                raise ValueError(f"--{C.flag(name)} must be in [{lo}, {hi}], got {getattr(self, name)}")
+        ppo.check_ranges(self, lam=(0, 1), gvm_lam=(0, 1), gamma=(0, 1), kl_coef=(0, None), kl_target=(0, None),
+                         gvm_minibatch=(0, None), group_size=(1, None), collect_n=(1, None), gvm_epochs=(1, None),
+                         gvm_batch=(1, None), gvm_batch_epochs=(1, None))
         if not 0 <= self.gvm_holdout < 1:
             raise ValueError(f"--gvm-holdout must be in [0, 1), got {self.gvm_holdout}")
         if self.kl_target > 0 and self.kl_coef == 0:
@@ -180,12 +171,9 @@ def adaptive_kl(beta: float, kl: float, n: int, target: float, horizon: float = 
 # -------------------- Stage 1: scored sequences, the GVM's update and report, pretrain ------------
 
 
-def collect_rows(sampler, tok, problems: list[C.Problem], n: int, max_new_tokens: int, temperature: float,
-                 seed: int) -> list[dict]:
+def collect_rows(sampler, tok, problems: list[C.Problem], n: int, args, seed: int) -> list[dict]:
     """n rollouts of each problem, scored by the verifier: rows {prompt, response, response_ids, score, finish}."""
-    rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], n, max_new_tokens, temperature, seed=seed,
-                            desc="collect")
-    correct, _ = C.score_rollouts(rollouts, problems)
+    rollouts, correct, _ = ppo.rollouts_scored(sampler, tok, problems, n, args, seed, desc="collect")
     return [{"prompt": problems[r.prompt_idx].question, "response": r.text, "response_ids": r.ids, "score": s,
              "finish": r.finish, "answer": problems[r.prompt_idx].answer} for r, s in zip(rollouts, correct)]
 
@@ -292,8 +280,7 @@ def pretrain(args: Args) -> Path:
         if args.collect_problems > 0:  # another draw than stage 2's ProblemStream(seed): the GVM is to generalise
             problems = random.Random(args.seed + 1).sample(C.load_problems(args.data), args.collect_problems)
             sampler = C.sampler_for(args, policy, tok, path, dtype, problems)
-            rows = collect_rows(sampler, tok, problems, args.collect_n, args.max_new_tokens, args.temperature,
-                                seed=C.rollout_seed(args.seed, 0, 17))
+            rows = collect_rows(sampler, tok, problems, args.collect_n, args, seed=C.rollout_seed(args.seed, 0, 17))
             del sampler
         out.mkdir(parents=True, exist_ok=True)
         with C.atomic_file(rows_file) as tmp:
@@ -306,9 +293,7 @@ def pretrain(args: Args) -> Path:
         raise SystemExit(f"stage 1 has {len(rows)} scored rows: collect more (--collect-problems) or give --pairs")
 
     if args.gvm_model:
-        lm, gtok, base = C.load_model(args.gvm_model, dev, dtype)
-        if gtok.get_vocab() != tok.get_vocab():
-            raise SystemExit(f"--gvm-model {args.gvm_model}: its tokenizer differs from --model {args.model}'s")
+        lm, base = ppo.second_model(args.gvm_model, policy, tok, path, dev, dtype, "--gvm-model")
         del policy
     else:
         lm, base = policy, args.model  # stage 1 never samples again: the policy's weights become the GVM's
@@ -335,13 +320,11 @@ def pretrain(args: Args) -> Path:
         logger.log(0, {"gvm_rows": len(train), "gvm_heldout_rows": len(held), **report()})
     for step in C.tqdm(range(start + 1, total + 1), desc="gvm", initial=start, total=total):
         t0 = time.perf_counter()
-        epoch, i = divmod(step - 1, per_epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 31 + epoch))
-        idx = [train[j] for j in order[i * args.gvm_batch:(i + 1) * args.gvm_batch]]
+        idx = [train[j] for j in ppo.shuffled_batch(step, len(train), args.gvm_batch, args.seed)]
         batch = C.collate([seqs[j] for j in idx], tok.pad_token_id, dev)
         metrics = {"tokens": int(batch["response_mask"].sum()),
                    **gvm_update(gvm, optimizer, batch, scores[idx], per_batch)}
-        if i == per_epoch - 1:  # end of a pass: measure on the held-out prompts
+        if step % per_epoch == 0:  # end of a pass: measure on the held-out prompts
             metrics.update(report())
         metrics.update(time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
@@ -365,9 +348,7 @@ def load_gvm(folder, tok, device, dtype) -> tuple[ppo.ValueModel, dict]:
     if not (folder / "gvm.json").exists():
         raise SystemExit(f"--gvm {folder}: no gvm.json there; make a GVM first: python dvpo.py pretrain --out {folder}")
     meta = json.loads((folder / "gvm.json").read_text())
-    lm, gtok, _ = C.load_model(meta["base"], device, dtype)
-    if gtok.get_vocab() != tok.get_vocab():
-        raise SystemExit(f"--gvm {folder}: its backbone {meta['base']} has another tokenizer than the policy's")
+    lm, _ = ppo.second_model(meta["base"], None, tok, "", device, dtype, f"--gvm {folder}: its backbone")
     gvm = ppo.ValueModel(lm)
     gvm.load_state_dict({k: v for f in sorted((folder / "ckpt" / "gvm").glob("*.safetensors"))
                          for k, v in load_file(f).items()})
@@ -376,14 +357,7 @@ def load_gvm(folder, tok, device, dtype) -> tuple[ppo.ValueModel, dict]:
 
 def gvm_all_values(gvm: ppo.ValueModel, batch: dict, micro: int) -> torch.Tensor:
     """V_GVM at every position of [prompt | response], no gradient: [B, P+L] (the official whitening counts all)."""
-    out = []
-    with torch.no_grad():
-        for s in range(0, batch["input_ids"].shape[0], micro):
-            b = C.slice_batch(batch, slice(s, s + micro))
-            h = gvm.backbone(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                             position_ids=b["position_ids"]).last_hidden_state
-            out.append(gvm.head(h).squeeze(-1).float())
-    return torch.cat(out)
+    return ppo.critic_values(lambda b: gvm(b, all_positions=True), batch, micro)
 
 
 def train(args: Args):
@@ -415,9 +389,8 @@ def train(args: Args):
         # 1. problems -> rollouts -> verifiable rewards
         with timer("time_gen"):
             problems = stream.take(P)
-            rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
-                                    args.temperature, seed=C.rollout_seed(args.seed, step))
-            correct, no_answer = C.score_rollouts(rollouts, problems)
+            rollouts, correct, no_answer = ppo.rollouts_scored(sampler, tok, problems, G, args,
+                                                               C.rollout_seed(args.seed, step))
         correct = torch.tensor(correct)  # [B], B = P * G, grouped by prompt
         batch = C.collate(rollouts, tok.pad_token_id, dev)
         mask = batch["response_mask"]
@@ -427,10 +400,7 @@ def train(args: Args):
             # 2. the method: the frozen GVM's values, per-token rewards, GAE, whitened advantages
             v_all = gvm_all_values(gvm, batch, mbs)  # [B, P+L]
             values = response_values(v_all, batch)  # [B, L] V_GVM(s_t), raw
-            old_logp = ref_logp = None
-            if ref is not None:  # the KL reward needs log pi and log pi_ref of the sampled tokens
-                old_logp = C.logprobs_no_grad(policy, batch, args.temperature, args.logp_chunk, mbs)
-                ref_logp = C.logprobs_no_grad(ref, batch, args.temperature, args.logp_chunk, mbs)
+            old_logp, ref_logp = ppo.kl_logprobs(policy, ref, batch, args)  # None, None without a KL reward
             rewards = dvpo_rewards(correct.to(dev), mask, args.variant, old_logp, ref_logp, beta)
             adv = dvpo_advantages(response_values(v_all, batch, args.whiten_values), rewards, mask, args.gamma,
                                   args.lam, args.whiten_adv)
@@ -448,9 +418,7 @@ def train(args: Args):
                     beta = adaptive_kl(beta, ((old_logp - ref_logp) * mask).sum(-1).mean().item(), len(rollouts),
                                        args.kl_target)
 
-        rollout_adv = C.masked_mean(adv, mask, -1)  # [B]: a rollout's mean token advantage
-        metrics.update(C.batch_metrics(correct.view(P, G).tolist(), rollout_adv, rollouts, no_answer),
-                       adv_token_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item())
+        metrics.update(ppo.advantage_metrics(correct, adv, mask, rollouts, no_answer, G))
         if args.oracle_k > 0:  # diagnostic only: the GVM's V(s_0) vs a Monte-Carlo p(x)
             v0 = values[:, 0].view(P, G).mean(-1).cpu().numpy()
             metrics.update(C.oracle_baseline_mse(sampler, tok, problems, v0, args, seed=C.second_seed(args.seed, step)))

@@ -51,7 +51,6 @@ Choices that are ours, not the paper's
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 import time
@@ -105,11 +104,9 @@ class Args(C.TrainArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, lo, hi in (("group_size", 1, None), ("segment", 1, None), ("critic_max_tokens", 1, None),
-                             ("critic_batch", 0, None), ("icc_ema", 0, 1), ("gamma", 0, 1), ("lam", 0, 1),
-                             ("sft_problems", 1, None), ("sft_n", 1, None), ("sft_continuations", 0, None)):
-            if not lo <= (x := getattr(self, name)) <= (x if hi is None else hi):
-                raise ValueError(f"--{C.flag(name)} must be {f'in [{lo}, {hi}]' if hi else f'>= {lo}'}, got {x}")
+        ppo.check_ranges(self, group_size=(1, None), segment=(1, None), critic_max_tokens=(1, None),
+                         critic_batch=(0, None), icc_ema=(0, 1), gamma=(0, 1), lam=(0, 1), sft_problems=(1, None),
+                         sft_n=(1, None), sft_continuations=(0, None))
         if self.critic_temperature <= 0:
             raise ValueError(f"--critic-temperature must be > 0 (it samples), got {self.critic_temperature}")
 
@@ -256,9 +253,8 @@ def monte_carlo_states(sampler, tok, problems: list[C.Problem], args) -> tuple[l
       the final token's state ................ the rollout's own outcome (one token is left, nearly always eos)
     Also returns the rollouts' success rate: the running mean ICC shows in the traces."""
     n, m = args.sft_n, args.sft_continuations
-    rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], n, args.max_new_tokens, args.temperature,
-                            seed=C.rollout_seed(args.seed, 0, 11), desc="sft rollouts")
-    y, _ = C.score_rollouts(rollouts, problems)
+    rollouts, y, _ = ppo.rollouts_scored(sampler, tok, problems, n, args, C.rollout_seed(args.seed, 0, 11),
+                                         desc="sft rollouts")
     p_empty = np.bincount([r.prompt_idx for r in rollouts], weights=y, minlength=len(problems)) / n
     later = [(r, t, yi) for r, yi in zip(rollouts, y) for t in segment_bounds(len(r.ids), args.segment)[1:]]
     mid = [x for x in later if x[1] < len(x[0].ids) - 1]
@@ -290,12 +286,7 @@ def setup(args: Args, trainable_actor: bool):
     policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
     if not trainable_actor:
         policy.requires_grad_(False)
-    if args.critic:
-        critic, ctok, cpath = C.load_model(args.critic, dev, dtype)
-        if ctok.get_vocab() != tok.get_vocab():
-            raise SystemExit(f"--critic {args.critic}: its tokenizer differs from the actor's")
-    else:
-        critic, cpath = copy.deepcopy(policy).requires_grad_(True), path
+    critic, cpath = ppo.second_model(args.critic, policy, tok, path, dev, dtype, "--critic")
     state = Path(args.critic) / ".." / "state.pt" if args.critic else None
     ema = C.read_state(state)["extra"].get("ema", 0.5) if state and state.exists() else 0.5
     actor = (Path(args.model).name if Path(args.model).exists() else args.model,
@@ -325,10 +316,8 @@ def sft(args: Args) -> Path:
     logger.log(0, {"sft_rows": len(seqs), "actor_acc": ema, "p_mc_mean": float(p_mc.mean())})
     for step in C.tqdm(range(1, per_epoch * args.sft_epochs + 1), desc="genac sft"):
         t0 = time.perf_counter()
-        epoch, i = divmod(step - 1, per_epoch)
-        order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(args.seed * 31 + epoch))
-        batch = C.collate([seqs[j] for j in order[i * args.micro_batch_size:(i + 1) * args.micro_batch_size]],
-                          tok.pad_token_id, dev)
+        rows = ppo.shuffled_batch(step, len(seqs), args.micro_batch_size, args.seed)
+        batch = C.collate([seqs[j] for j in rows], tok.pad_token_id, dev)
 
         def loss_fn(r):  # -mean log p(trace token): teacher forcing on the template
             lp = C.forward_logprobs(critic, C.slice_batch(batch, r), 1.0, args.logp_chunk)["logp"]
@@ -355,9 +344,8 @@ def pretrain(args: Args) -> Path:
     for step in C.tqdm(range(1, args.pretrain_steps + 1), desc="genac pretrain"):
         t0 = time.perf_counter()
         problems = stream.take(args.prompts_per_step)
-        rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], args.group_size, args.max_new_tokens,
-                                args.temperature, seed=C.rollout_seed(args.seed, step))
-        y, _ = C.score_rollouts(rollouts, problems)
+        rollouts, y, _ = ppo.rollouts_scored(sampler, tok, problems, args.group_size, args,
+                                             C.rollout_seed(args.seed, step))
         states, _ = states_of(tok, problems, rollouts, y, args)
         v, ok, croll = query_critic(csampler, tok, states, args, actor, ema, seed=C.second_seed(args.seed, step))
         r = torch.tensor([s.outcome for s in states])
@@ -400,9 +388,8 @@ def train(args: Args):
         # 1. problems -> rollouts -> verifiable rewards
         with timer("time_gen"):
             problems = stream.take(P)
-            rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
-                                    args.temperature, seed=C.rollout_seed(args.seed, step))
-            correct, no_answer = C.score_rollouts(rollouts, problems)
+            rollouts, correct, no_answer = ppo.rollouts_scored(sampler, tok, problems, G, args,
+                                                               C.rollout_seed(args.seed, step))
         batch = C.collate(rollouts, tok.pad_token_id, dev)
         mask, L = batch["response_mask"], batch["response_ids"].shape[1]
 
@@ -432,9 +419,7 @@ def train(args: Args):
             csampler.sync_weights(critic)
         ema = args.icc_ema * ema + (1 - args.icc_ema) * float(np.mean(correct))
 
-        rollout_adv = C.masked_mean(adv, mask, -1)  # [B]: a rollout's mean token advantage
-        metrics.update(C.batch_metrics(torch.tensor(correct).view(P, G).tolist(), rollout_adv, rollouts, no_answer),
-                       adv_token_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item())
+        metrics.update(ppo.advantage_metrics(correct, adv, mask, rollouts, no_answer, G))
         if args.oracle_k > 0:  # diagnostic only: the critic's value of the empty state vs a Monte-Carlo p(x)
             v0 = torch.tensor([vs[0] for vs in per_rollout(v, bounds)]).view(P, G).mean(-1).numpy()
             metrics.update(C.oracle_baseline_mse(sampler, tok, problems, v0, args, seed=C.second_seed(args.seed, step)))

@@ -28,6 +28,8 @@ Equation -> function
   clipped value loss / update ....................... value_loss, value_update
   explained variance ................................ explained_variance
   clipped surrogate / update ........................ common.policy_loss, common.policy_update
+  Shared with dvpo.py and genac.py (PPO with another critic): second_model, rollouts_scored, kl_logprobs,
+  advantage_metrics, shuffled_batch, check_ranges.
 
 Choices that are ours (the PPO paper has no LLM setting; verl's defaults named where ours differ)
   - lambda 0.95 and value clip 0.2, as TRL's former PPO trainer and Huang et al.'s code; verl's defaults
@@ -76,11 +78,18 @@ class Args(C.TrainArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, low, high in (("gamma", 0, 1), ("lam", 0, 1), ("group_size", 1, None), ("value_clip", 0, None),
-                                ("critic_warmup", 0, None)):
-            v = getattr(self, name)
-            if v < low or (high is not None and v > high):
-                raise ValueError(f"--{C.flag(name)} must be {f'in [{low}, {high}]' if high else f'>= {low}'}, got {v}")
+        check_ranges(self, gamma=(0, 1), lam=(0, 1), group_size=(1, None), value_clip=(0, None),
+                     critic_warmup=(0, None))
+
+
+def check_ranges(args, **bounds):
+    """ValueError naming the flag of the first field outside its closed range, name=(low, high); high None: no bound.
+    Shared with dvpo.py and genac.py."""
+    for name, (low, high) in bounds.items():
+        v = getattr(args, name)
+        if not (low <= v and (high is None or v <= high)):  # NaN fails both comparisons: rejected too
+            raise ValueError(f"--{C.flag(name)} must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}, "
+                             f"got {v}")
 
 
 # -------------------- PPO's math: token rewards, GAE, the critic, its loss ------------------------
@@ -134,12 +143,15 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
-    def forward(self, batch: dict):
-        """Values of the states before each response token and after the last: [B, L]."""
+    def forward(self, batch: dict, all_positions: bool = False):
+        """Values of the states before each response token and after the last: [B, L]; all_positions: the head on
+        every position of [prompt | response], [B, P+L] (dvpo.py's official whitening counts them all)."""
         h = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           position_ids=batch["position_ids"]).last_hidden_state
-        P, L = batch["prompt_len"], batch["response_ids"].shape[1]
-        return self.head(h[:, P - 1:P + L - 1]).squeeze(-1).float()
+        if not all_positions:
+            P, L = batch["prompt_len"], batch["response_ids"].shape[1]
+            h = h[:, P - 1:P + L - 1]
+        return self.head(h).squeeze(-1).float()
 
 
 def critic_values(critic, batch, micro: int) -> torch.Tensor:
@@ -195,18 +207,59 @@ def fit_critic(critic, optimizer, batch: dict, scores, args, epochs: int, log=No
             log(epoch, stats)
 
 
+# -------------------- A second model beside the policy: shared with dvpo.py and genac.py ----------
+
+
+def second_model(name: str, policy, tok, path: str, device, dtype, flag: str):
+    """The backbone of a second network (critic, GVM) and its folder: `name` loaded, which must read the policy's token
+    ids (the error names `flag`), or for name '' a trainable copy of the policy at `path` (same weights, separate
+    parameters: twice the model memory)."""
+    if not name:
+        return copy.deepcopy(policy).requires_grad_(True), path
+    lm, other_tok, folder = C.load_model(name, device, dtype)
+    if other_tok.get_vocab() != tok.get_vocab():
+        raise SystemExit(f"{flag} {name}: its tokenizer differs from the policy's; it must read the same token ids")
+    return lm, folder
+
+
+def rollouts_scored(sampler, tok, problems: list[C.Problem], n: int, args, seed: int, desc: str | None = None):
+    """n rollouts of each problem (--max-new-tokens, --temperature), verified: (rollouts, correct [B], no_answer)."""
+    rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], n, args.max_new_tokens, args.temperature,
+                                seed=seed, desc=desc)
+    correct, no_answer = C.score_rollouts(rollouts, problems)
+    return rollouts, correct, no_answer
+
+
+def kl_logprobs(policy, ref, batch: dict, args):
+    """log pi and log pi_ref of the sampled tokens ([B, L] each) that a KL reward needs; (None, None) without pi_ref."""
+    if ref is None:
+        return None, None
+    mbs = args.micro_batch_size
+    return (C.logprobs_no_grad(policy, batch, args.temperature, args.logp_chunk, mbs),
+            C.logprobs_no_grad(ref, batch, args.temperature, args.logp_chunk, mbs))
+
+
+def advantage_metrics(correct, adv, mask, rollouts: list[C.Rollout], no_answer: int, G: int) -> dict:
+    """common.batch_metrics on each rollout's mean token advantage, and the token advantages' spread adv_token_std."""
+    rollout_adv = C.masked_mean(adv, mask, -1)  # [B]: a rollout's mean token advantage
+    return {**C.batch_metrics(torch.as_tensor(correct).view(-1, G).tolist(), rollout_adv, rollouts, no_answer),
+            "adv_token_std": C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item()}
+
+
+def shuffled_batch(step: int, n: int, size: int, seed: int) -> list[int]:
+    """The rows (of n) of batch `step` (from 1) of passes over n rows in shuffled batches of `size`: each pass's
+    order depends on the seed and the pass only, so a resumed run draws the same batches (stage 1 of dvpo, genac)."""
+    epoch, i = divmod(step - 1, -(-n // size))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 31 + epoch))
+    return order[i * size:(i + 1) * size].tolist()
+
+
 def main(args: Args):
     C.start_run(args, "ppo", args.steps)  # OUT/config.json; refuses a mismatched --resume
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
-    if args.critic_model:
-        critic_lm, critic_tok, _ = C.load_model(args.critic_model, dev, dtype)
-        if critic_tok.get_vocab() != tok.get_vocab():
-            raise SystemExit(f"--critic-model {args.critic_model}: its tokenizer differs from the policy's; "
-                             "the critic must read the same token ids")
-    else:
-        critic_lm = copy.deepcopy(policy)  # same weights, separate parameters: twice the model memory
+    critic_lm, _ = second_model(args.critic_model, policy, tok, path, dev, dtype, "--critic-model")
     critic = ValueModel(critic_lm)
     optimizer = C.adamw(policy.parameters(), args.lr)
     critic_opt = C.adamw(critic.parameters(), args.critic_lr)
@@ -231,9 +284,8 @@ def main(args: Args):
         # 1. problems -> rollouts -> verifiable rewards
         with timer("time_gen"):
             problems = stream.take(P)
-            rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
-                                    args.temperature, seed=C.rollout_seed(args.seed, step))
-            correct, no_answer = C.score_rollouts(rollouts, problems)
+            rollouts, correct, no_answer = rollouts_scored(sampler, tok, problems, G, args,
+                                                           C.rollout_seed(args.seed, step))
         correct = torch.tensor(correct)  # [B], B = P * G, grouped by prompt
         batch = C.collate(rollouts, tok.pad_token_id, dev)
         mask = batch["response_mask"]
@@ -243,10 +295,7 @@ def main(args: Args):
         with timer("time_train"):
             # 2. the method: critic values, per-token rewards, GAE, whitened advantages
             values = critic_values(critic, batch, mbs)  # [B, L]
-            old_logp = ref_logp = None
-            if ref is not None:  # the KL penalty needs log pi and log pi_ref of the sampled tokens
-                old_logp = C.logprobs_no_grad(policy, batch, args.temperature, args.logp_chunk, mbs)
-                ref_logp = C.logprobs_no_grad(ref, batch, args.temperature, args.logp_chunk, mbs)
+            old_logp, ref_logp = kl_logprobs(policy, ref, batch, args)  # None, None without a KL penalty
             rewards = token_rewards(correct.to(dev), mask, old_logp, ref_logp, args.kl_coef)
             adv, returns = gae(rewards, values, mask, args.gamma, args.lam)
             metrics = {"reward": rewards.sum(-1).mean().item(), "acc": correct.mean().item(),
@@ -264,9 +313,7 @@ def main(args: Args):
             if ref is not None:  # the KL the reward paid (k1 of the sampled tokens), not the loss's (0 here)
                 metrics["kl"] = C.masked_mean(old_logp - ref_logp, mask).item()
 
-        rollout_adv = C.masked_mean(adv, mask, -1)  # [B]: a rollout's mean token advantage
-        metrics.update(C.batch_metrics(correct.view(P, G).tolist(), rollout_adv, rollouts, no_answer),
-                       adv_token_std=C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item())
+        metrics.update(advantage_metrics(correct, adv, mask, rollouts, no_answer, G))
         if args.oracle_k > 0:  # diagnostic only: the critic's V(s_0) vs a Monte-Carlo p(x)
             v0 = values[:, 0].view(P, G).mean(-1).cpu().numpy()  # same prompt, same state s_0
             metrics.update(C.oracle_baseline_mse(sampler, tok, problems, v0, args, seed=C.second_seed(args.seed, step)))

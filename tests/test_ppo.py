@@ -88,6 +88,32 @@ def test_flags_that_make_no_sense_are_rejected_naming_the_flag(kw, msg):
         ppo.Args(**kw)
 
 
+def test_range_checks_reject_nan_and_accept_the_edges():
+    with pytest.raises(ValueError, match="--gamma must be in"):
+        ppo.Args(gamma=float("nan"))
+    ppo.Args(gamma=0.0, lam=1.0, value_clip=0.0, critic_warmup=0)
+
+
+def test_shuffled_batches_cover_each_pass_once_and_repeat_on_resume():
+    """7 rows in batches of 3: 3 batches a pass (the last one short), every row once a pass, new orders each pass."""
+    passes = [[ppo.shuffled_batch(step, 7, 3, seed=0) for step in range(1 + 3 * e, 4 + 3 * e)] for e in range(2)]
+    assert [len(b) for b in passes[0]] == [3, 3, 1]
+    assert all(sorted(sum(p, [])) == list(range(7)) for p in passes)
+    assert passes[0] != passes[1] and ppo.shuffled_batch(5, 7, 3, seed=0) == passes[1][1]
+
+
+def test_second_model_copies_the_policy_or_checks_the_tokenizer(tiny_lm, monkeypatch):
+    lm, path = ppo.second_model("", tiny_lm.requires_grad_(False), None, "here", "cpu", torch.float32, "--critic")
+    assert path == "here" and lm is not tiny_lm and all(p.requires_grad for p in lm.parameters())
+    vocab = type("Tok", (), {"get_vocab": lambda self: {"a": 0}})
+    other = type("Tok", (), {"get_vocab": lambda self: {"b": 0}})
+    monkeypatch.setattr(C, "load_model", lambda name, device, dtype: (tiny_lm, other(), "there"))
+    with pytest.raises(SystemExit, match="--critic small: its tokenizer differs"):
+        ppo.second_model("small", tiny_lm, vocab(), "here", "cpu", torch.float32, "--critic")
+    monkeypatch.setattr(C, "load_model", lambda name, device, dtype: (tiny_lm, vocab(), "there"))
+    assert ppo.second_model("small", tiny_lm, vocab(), "here", "cpu", torch.float32, "--critic") == (tiny_lm, "there")
+
+
 def test_value_model_reads_the_state_before_each_response_token(tiny_lm):
     """V(s_t) for response token t is the head on the decoder's final state at column P - 1 + t (the one that
     predicts y_t), padding and prompts of other lengths included."""
