@@ -191,6 +191,15 @@ def parse_args(cls, argv=None):
         p.error(str(e))
 
 
+def check_ranges(args, **bounds):
+    """ValueError naming the flag of the first field outside its closed range, name=(low, high); high None: no bound."""
+    for name, (low, high) in bounds.items():
+        v = getattr(args, name)
+        if not (low <= v and (high is None or v <= high)):  # NaN fails both comparisons: rejected too
+            raise ValueError(f"--{flag(name)} must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}, "
+                             f"got {v}")
+
+
 def run_command(commands: dict, default, cls, argv=None):
     """`python script.py [command] [flags]`: the named command (commands: name -> fn(args)), or `default` with no
     command, called with cls's flags parsed from the rest of argv."""
@@ -517,6 +526,14 @@ class ProblemStream:
             out.append(self.problems[perm[pos]])
             self.cursor += 1
         return out
+
+
+def shuffled_batch(step: int, n: int, size: int, seed: int) -> list[int]:
+    """The rows (of n) of batch `step` (from 1) of passes over n rows in shuffled batches of `size`: each pass's
+    order depends on the seed and the pass only, so a resumed run draws the same batches."""
+    epoch, i = divmod(step - 1, -(-n // size))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 31 + epoch))
+    return order[i * size:(i + 1) * size].tolist()
 
 
 INSTRUCTION = "Put the final answer in \\boxed{}."
@@ -879,6 +896,14 @@ def final_answer(text: str, opened: bool = False) -> str:
 def score_rollouts(rollouts: list[Rollout], problems: list[Problem]) -> tuple[list[float], int]:
     """score() of each rollout's final answer against its problem's gold answer."""
     return score([final_answer(r.text, r.opened) for r in rollouts], [problems[r.prompt_idx].answer for r in rollouts])
+
+
+def rollouts_scored(sampler, tok, problems: list[Problem], n: int, args, seed: int, desc: str | None = None):
+    """n rollouts of each problem (--max-new-tokens, --temperature), verified: (rollouts, correct [B], no_answer)."""
+    rollouts = sampler.generate([build_prompt(tok, p) for p in problems], n, args.max_new_tokens, args.temperature,
+                                seed=seed, desc=desc)
+    correct, no_answer = score_rollouts(rollouts, problems)
+    return rollouts, correct, no_answer
 
 
 # -------------------- Batches and log-probs ------------------------------------------------------

@@ -108,7 +108,7 @@ class Args(C.TrainArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        ppo.check_ranges(self, lam=(0, 1), gvm_lam=(0, 1), gamma=(0, 1), kl_coef=(0, None), kl_target=(0, None),
+        C.check_ranges(self, lam=(0, 1), gvm_lam=(0, 1), gamma=(0, 1), kl_coef=(0, None), kl_target=(0, None),
                          gvm_minibatch=(0, None), group_size=(1, None), collect_n=(1, None), gvm_epochs=(1, None),
                          gvm_batch=(1, None), gvm_batch_epochs=(1, None))
         if not 0 <= self.gvm_holdout < 1:
@@ -173,7 +173,7 @@ def adaptive_kl(beta: float, kl: float, n: int, target: float, horizon: float = 
 
 def collect_rows(sampler, tok, problems: list[C.Problem], n: int, args, seed: int) -> list[dict]:
     """n rollouts of each problem, scored by the verifier: rows {prompt, response, response_ids, score, finish}."""
-    rollouts, correct, _ = ppo.rollouts_scored(sampler, tok, problems, n, args, seed, desc="collect")
+    rollouts, correct, _ = C.rollouts_scored(sampler, tok, problems, n, args, seed, desc="collect")
     return [{"prompt": problems[r.prompt_idx].question, "response": r.text, "response_ids": r.ids, "score": s,
              "finish": r.finish, "answer": problems[r.prompt_idx].answer} for r, s in zip(rollouts, correct)]
 
@@ -320,7 +320,7 @@ def pretrain(args: Args) -> Path:
         logger.log(0, {"gvm_rows": len(train), "gvm_heldout_rows": len(held), **report()})
     for step in C.tqdm(range(start + 1, total + 1), desc="gvm", initial=start, total=total):
         t0 = time.perf_counter()
-        idx = [train[j] for j in ppo.shuffled_batch(step, len(train), args.gvm_batch, args.seed)]
+        idx = [train[j] for j in C.shuffled_batch(step, len(train), args.gvm_batch, args.seed)]
         batch = C.collate([seqs[j] for j in idx], tok.pad_token_id, dev)
         metrics = {"tokens": int(batch["response_mask"].sum()),
                    **gvm_update(gvm, optimizer, batch, scores[idx], per_batch)}
@@ -389,7 +389,7 @@ def train(args: Args):
         # 1. problems -> rollouts -> verifiable rewards
         with timer("time_gen"):
             problems = stream.take(P)
-            rollouts, correct, no_answer = ppo.rollouts_scored(sampler, tok, problems, G, args,
+            rollouts, correct, no_answer = C.rollouts_scored(sampler, tok, problems, G, args,
                                                                C.rollout_seed(args.seed, step))
         correct = torch.tensor(correct)  # [B], B = P * G, grouped by prompt
         batch = C.collate(rollouts, tok.pad_token_id, dev)

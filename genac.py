@@ -104,7 +104,7 @@ class Args(C.TrainArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        ppo.check_ranges(self, group_size=(1, None), segment=(1, None), critic_max_tokens=(1, None),
+        C.check_ranges(self, group_size=(1, None), segment=(1, None), critic_max_tokens=(1, None),
                          critic_batch=(0, None), icc_ema=(0, 1), gamma=(0, 1), lam=(0, 1), sft_problems=(1, None),
                          sft_n=(1, None), sft_continuations=(0, None))
         if self.critic_temperature <= 0:
@@ -253,7 +253,7 @@ def monte_carlo_states(sampler, tok, problems: list[C.Problem], args) -> tuple[l
       the final token's state ................ the rollout's own outcome (one token is left, nearly always eos)
     Also returns the rollouts' success rate: the running mean ICC shows in the traces."""
     n, m = args.sft_n, args.sft_continuations
-    rollouts, y, _ = ppo.rollouts_scored(sampler, tok, problems, n, args, C.rollout_seed(args.seed, 0, 11),
+    rollouts, y, _ = C.rollouts_scored(sampler, tok, problems, n, args, C.rollout_seed(args.seed, 0, 11),
                                          desc="sft rollouts")
     p_empty = np.bincount([r.prompt_idx for r in rollouts], weights=y, minlength=len(problems)) / n
     later = [(r, t, yi) for r, yi in zip(rollouts, y) for t in segment_bounds(len(r.ids), args.segment)[1:]]
@@ -316,7 +316,7 @@ def sft(args: Args) -> Path:
     logger.log(0, {"sft_rows": len(seqs), "actor_acc": ema, "p_mc_mean": float(p_mc.mean())})
     for step in C.tqdm(range(1, per_epoch * args.sft_epochs + 1), desc="genac sft"):
         t0 = time.perf_counter()
-        rows = ppo.shuffled_batch(step, len(seqs), args.micro_batch_size, args.seed)
+        rows = C.shuffled_batch(step, len(seqs), args.micro_batch_size, args.seed)
         batch = C.collate([seqs[j] for j in rows], tok.pad_token_id, dev)
 
         def loss_fn(r):  # -mean log p(trace token): teacher forcing on the template
@@ -344,7 +344,7 @@ def pretrain(args: Args) -> Path:
     for step in C.tqdm(range(1, args.pretrain_steps + 1), desc="genac pretrain"):
         t0 = time.perf_counter()
         problems = stream.take(args.prompts_per_step)
-        rollouts, y, _ = ppo.rollouts_scored(sampler, tok, problems, args.group_size, args,
+        rollouts, y, _ = C.rollouts_scored(sampler, tok, problems, args.group_size, args,
                                              C.rollout_seed(args.seed, step))
         states, _ = states_of(tok, problems, rollouts, y, args)
         v, ok, croll = query_critic(csampler, tok, states, args, actor, ema, seed=C.second_seed(args.seed, step))
@@ -388,7 +388,7 @@ def train(args: Args):
         # 1. problems -> rollouts -> verifiable rewards
         with timer("time_gen"):
             problems = stream.take(P)
-            rollouts, correct, no_answer = ppo.rollouts_scored(sampler, tok, problems, G, args,
+            rollouts, correct, no_answer = C.rollouts_scored(sampler, tok, problems, G, args,
                                                                C.rollout_seed(args.seed, step))
         batch = C.collate(rollouts, tok.pad_token_id, dev)
         mask, L = batch["response_mask"], batch["response_ids"].shape[1]

@@ -158,9 +158,7 @@ class Groups:
 
 def sample_groups(sampler, tok, problems, G, args, seed) -> Groups:
     """Generate G rollouts per problem and score them."""
-    rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], G, args.max_new_tokens,
-                                args.temperature, seed=seed)
-    correct, no_answer = C.score_rollouts(rollouts, problems)
+    rollouts, correct, no_answer = C.rollouts_scored(sampler, tok, problems, G, args, seed)
     N = len(problems)
     lengths = torch.tensor([len(r.ids) for r in rollouts]).view(N, G)
     return Groups(problems, rollouts, torch.tensor(correct).view(N, G), lengths, no_answer)

@@ -386,9 +386,8 @@ def main(args: Args):
         # 1. problems -> n rollouts each -> verifiable rewards
         with timer("time_gen"):
             problems = stream.take(P)
-            rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], n, args.max_new_tokens,
-                                    args.temperature, seed=C.rollout_seed(args.seed, step))
-            correct, no_answer = C.score_rollouts(rollouts, problems)
+            rollouts, correct, no_answer = C.rollouts_scored(sampler, tok, problems, n, args,
+                                                             C.rollout_seed(args.seed, step))
         rewards = torch.tensor(correct).view(P, n)  # [N, n], rollouts grouped by prompt
 
         # 2. the forward pass: features z_i (and log pi_old), then the probe from before this step's refit

@@ -28,8 +28,7 @@ Equation -> function
   clipped value loss / update ....................... value_loss, value_update
   explained variance ................................ explained_variance
   clipped surrogate / update ........................ common.policy_loss, common.policy_update
-  Shared with dvpo.py and genac.py (PPO with another critic): second_model, rollouts_scored, kl_logprobs,
-  advantage_metrics, shuffled_batch, check_ranges.
+  Shared with dvpo.py and genac.py (PPO with another critic): second_model, kl_logprobs, advantage_metrics.
 
 Choices that are ours (the PPO paper has no LLM setting; verl's defaults named where ours differ)
   - lambda 0.95 and value clip 0.2, as TRL's former PPO trainer and Huang et al.'s code; verl's defaults
@@ -78,18 +77,8 @@ class Args(C.TrainArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        check_ranges(self, gamma=(0, 1), lam=(0, 1), group_size=(1, None), value_clip=(0, None),
+        C.check_ranges(self, gamma=(0, 1), lam=(0, 1), group_size=(1, None), value_clip=(0, None),
                      critic_warmup=(0, None))
-
-
-def check_ranges(args, **bounds):
-    """ValueError naming the flag of the first field outside its closed range, name=(low, high); high None: no bound.
-    Shared with dvpo.py and genac.py."""
-    for name, (low, high) in bounds.items():
-        v = getattr(args, name)
-        if not (low <= v and (high is None or v <= high)):  # NaN fails both comparisons: rejected too
-            raise ValueError(f"--{C.flag(name)} must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}, "
-                             f"got {v}")
 
 
 # -------------------- PPO's math: token rewards, GAE, the critic, its loss ------------------------
@@ -222,14 +211,6 @@ def second_model(name: str, policy, tok, path: str, device, dtype, flag: str):
     return lm, folder
 
 
-def rollouts_scored(sampler, tok, problems: list[C.Problem], n: int, args, seed: int, desc: str | None = None):
-    """n rollouts of each problem (--max-new-tokens, --temperature), verified: (rollouts, correct [B], no_answer)."""
-    rollouts = sampler.generate([C.build_prompt(tok, p) for p in problems], n, args.max_new_tokens, args.temperature,
-                                seed=seed, desc=desc)
-    correct, no_answer = C.score_rollouts(rollouts, problems)
-    return rollouts, correct, no_answer
-
-
 def kl_logprobs(policy, ref, batch: dict, args):
     """log pi and log pi_ref of the sampled tokens ([B, L] each) that a KL reward needs; (None, None) without pi_ref."""
     if ref is None:
@@ -244,14 +225,6 @@ def advantage_metrics(correct, adv, mask, rollouts: list[C.Rollout], no_answer: 
     rollout_adv = C.masked_mean(adv, mask, -1)  # [B]: a rollout's mean token advantage
     return {**C.batch_metrics(torch.as_tensor(correct).view(-1, G).tolist(), rollout_adv, rollouts, no_answer),
             "adv_token_std": C.masked_mean((adv - C.masked_mean(adv, mask)) ** 2, mask).sqrt().item()}
-
-
-def shuffled_batch(step: int, n: int, size: int, seed: int) -> list[int]:
-    """The rows (of n) of batch `step` (from 1) of passes over n rows in shuffled batches of `size`: each pass's
-    order depends on the seed and the pass only, so a resumed run draws the same batches (stage 1 of dvpo, genac)."""
-    epoch, i = divmod(step - 1, -(-n // size))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 31 + epoch))
-    return order[i * size:(i + 1) * size].tolist()
 
 
 def main(args: Args):
@@ -284,7 +257,7 @@ def main(args: Args):
         # 1. problems -> rollouts -> verifiable rewards
         with timer("time_gen"):
             problems = stream.take(P)
-            rollouts, correct, no_answer = rollouts_scored(sampler, tok, problems, G, args,
+            rollouts, correct, no_answer = C.rollouts_scored(sampler, tok, problems, G, args,
                                                            C.rollout_seed(args.seed, step))
         correct = torch.tensor(correct)  # [B], B = P * G, grouped by prompt
         batch = C.collate(rollouts, tok.pad_token_id, dev)

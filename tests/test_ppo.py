@@ -96,10 +96,10 @@ def test_range_checks_reject_nan_and_accept_the_edges():
 
 def test_shuffled_batches_cover_each_pass_once_and_repeat_on_resume():
     """7 rows in batches of 3: 3 batches a pass (the last one short), every row once a pass, new orders each pass."""
-    passes = [[ppo.shuffled_batch(step, 7, 3, seed=0) for step in range(1 + 3 * e, 4 + 3 * e)] for e in range(2)]
+    passes = [[C.shuffled_batch(step, 7, 3, seed=0) for step in range(1 + 3 * e, 4 + 3 * e)] for e in range(2)]
     assert [len(b) for b in passes[0]] == [3, 3, 1]
     assert all(sorted(sum(p, [])) == list(range(7)) for p in passes)
-    assert passes[0] != passes[1] and ppo.shuffled_batch(5, 7, 3, seed=0) == passes[1][1]
+    assert passes[0] != passes[1] and C.shuffled_batch(5, 7, 3, seed=0) == passes[1][1]
 
 
 def test_second_model_copies_the_policy_or_checks_the_tokenizer(tiny_lm, monkeypatch):
