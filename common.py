@@ -1429,6 +1429,15 @@ def start_run(args, method: str, steps: int | None = None, free: tuple = ()) -> 
     return settings
 
 
+def finished_stage(args, method: str, marker, free: tuple = ()) -> bool:
+    """--resume of a run in stages: True when the stage in args.out finished (`marker` is what its end writes).
+    Its saved settings are checked as start_run checks them, so a stage that is skipped still names a changed flag."""
+    if not (args.resume and Path(marker).exists()):
+        return False
+    start_run(args, method, free=free)
+    return True
+
+
 @contextlib.contextmanager
 def atomic_file(path):
     """`with atomic_file(p) as tmp: write tmp`: the file appears at p whole when the block ends, never half-written

@@ -436,11 +436,11 @@ def train(args: Args):
 
 def run_all(args: Args):
     """No subcommand: stage 1 into OUT/gvm (skipped when a finished one is there and --resume), then stage 2."""
-    gvm_dir = Path(args.out) / "gvm"
-    if not (args.resume and (gvm_dir / "gvm.json").exists()):
-        pretrain(dataclasses.replace(args, out=str(gvm_dir)))
+    stage1 = dataclasses.replace(args, out=str(Path(args.out) / "gvm"))
+    if not C.finished_stage(stage1, "dvpo pretrain", Path(stage1.out) / "gvm.json", free=("gvm_epochs",)):
+        pretrain(stage1)
     resume2 = args.resume and (Path(args.out) / "ckpt" / "state.pt").exists()  # a crash in stage 1: start stage 2
-    return train(dataclasses.replace(args, gvm=args.gvm or str(gvm_dir), resume=resume2,
+    return train(dataclasses.replace(args, gvm=args.gvm or stage1.out, resume=resume2,
                                      overwrite=args.overwrite or args.resume))  # a crash before stage 2's checkpoint
 
 

@@ -40,14 +40,12 @@ Choices that are ours, not the paper's
     not clamped as the third-party reading does (an answer outside the paper's range earns nothing, not the
     value of its nearest end); several tags must hold the same integer (hedging earns nothing). Unparsable:
     the value is the ICC running mean (PAPERS.md's fallback), the reward 0, counted in critic_parse_fail.
-  - The critic starts as a copy of the actor unless --critic names one. One critic sample per state serves as
-    the value for GAE and as the REINFORCE sample. REINFORCE's baseline is the step's mean R_v (variance only;
-    the paper names none); for the CPU budget it trains on --critic-batch of the answers drawn at random.
+  - The critic starts as a copy of the actor unless --critic names one. One critic sample per state is GAE's value
+    and REINFORCE's sample: baseline the step's mean R_v (the paper names none), --critic-batch answers at random.
   - The "final token" boundary is the state before the last response token, b = T-1; the state after it is
     terminal (value 0, reward r), so a critic that reads a finished answer acts as a verifier.
-  - The running success rate is an EMA of each batch's accuracy (--icc-ema); it travels with the critic's checkpoint
-    into the next stage, and starts at 0.5 for a critic that has none. Model size is counted from the actor's
-    parameters. The defaults fit 2 CPU cores (--segment 24 of 48 tokens: three queries a rollout).
+  - The running success rate is an EMA of each batch's accuracy (--icc-ema), carried by the critic's checkpoint
+    into the next stage, 0.5 for a critic that has none. Model size is counted from the actor's parameters.
 """
 from __future__ import annotations
 
@@ -79,9 +77,8 @@ class Args(C.TrainArgs):
     out: str = arg("runs/genac", "run folder: metrics.jsonl, checkpoints")
     PRESETS: ClassVar[dict] = {"preset": PRESET}
     group_size: int = arg(1, "rollouts per prompt (GenAC needs no groups)")
-    critic: str | None = arg(None, "the critic to start from: a model folder (a stage's OUT/ckpt/critic) or name; '' = a "
-                             "copy of --model (zero-shot). With no subcommand each stage passes its critic to the "
-                             "next (default: set by --preset)")
+    critic: str | None = arg(None, "the critic to start from: a model folder (a stage's OUT/ckpt/critic) or name, '' a "
+                             "copy of --model; with no subcommand, the previous stage's (default: set by --preset)")
     segment: int | None = arg(None, "query the critic every N response tokens, and before the final token (default: "
                               "set by --preset)")
     critic_max_tokens: int | None = arg(None, "the critic's output length limit in tokens (default: set by --preset)")
@@ -105,8 +102,8 @@ class Args(C.TrainArgs):
     def __post_init__(self):
         super().__post_init__()
         C.check_ranges(self, group_size=(1, None), segment=(1, None), critic_max_tokens=(1, None),
-                         critic_batch=(0, None), icc_ema=(0, 1), gamma=(0, 1), lam=(0, 1), sft_problems=(1, None),
-                         sft_n=(1, None), sft_continuations=(0, None))
+                       critic_batch=(0, None), icc_ema=(0, 1), gamma=(0, 1), lam=(0, 1), sft_problems=(1, None),
+                       sft_n=(1, None), sft_continuations=(0, None))
         if self.critic_temperature <= 0:
             raise ValueError(f"--critic-temperature must be > 0 (it samples), got {self.critic_temperature}")
 
@@ -284,8 +281,7 @@ def setup(args: Args, trainable_actor: bool):
     dev, dtype = C.pick_device(args.device, args.dtype)
     C.seed_everything(args.seed)
     policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
-    if not trainable_actor:
-        policy.requires_grad_(False)
+    policy.requires_grad_(trainable_actor)
     critic, cpath = ppo.second_model(args.critic, policy, tok, path, dev, dtype, "--critic")
     state = Path(args.critic) / ".." / "state.pt" if args.critic else None
     ema = C.read_state(state)["extra"].get("ema", 0.5) if state and state.exists() else 0.5
@@ -430,17 +426,22 @@ def train(args: Args):
         metrics.update(timer.t, time_step=time.perf_counter() - t0, peak_mem_gb=C.peak_mem_gb())
         logger.log(step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):
-            C.save_checkpoint(args.out, step, parts, {"cursor": stream.cursor, "ema": ema},
-                              keep=args.keep_checkpoints)
+            C.save_checkpoint(args.out, step, parts, {"cursor": stream.cursor, "ema": ema}, keep=args.keep_checkpoints)
     return logger.path
 
 
 def run_all(args: Args):
-    """No subcommand: stage 1 into OUT/sft, stage 2 into OUT/pretrain, stage 3 into OUT, each from the last's critic."""
-    out = Path(args.out)
-    critic = sft(dataclasses.replace(args, out=str(out / "sft")))
-    critic = pretrain(dataclasses.replace(args, out=str(out / "pretrain"), critic=str(critic)))
-    return train(dataclasses.replace(args, critic=str(critic)))
+    """No subcommand: stage 1 into OUT/sft, stage 2 into OUT/pretrain, stage 3 into OUT, each from the last's critic.
+    --resume skips a stage that finished (stages 1 and 2 checkpoint once, at their end) and redoes one cut short."""
+    out, critic = Path(args.out), args.critic
+    redo = dataclasses.replace(args, resume=False, overwrite=args.overwrite or args.resume)
+    for name, stage, free in (("sft", sft, ()), ("pretrain", pretrain, ("critic",))):  # stage 2's is stage 1's critic
+        here = dict(out=str(out / name), critic=critic)  # wherever the run folder is now
+        critic = str(out / name / "ckpt" / "critic")
+        if not C.finished_stage(dataclasses.replace(args, **here), f"genac {name}", critic, free):
+            critic = str(stage(dataclasses.replace(redo, **here)))
+    resume = args.resume and (out / "ckpt" / "state.pt").exists()  # cut short before stage 3's first checkpoint: redo
+    return train(dataclasses.replace(redo, critic=critic, resume=resume))
 
 
 COMMANDS = {"sft": sft, "pretrain": pretrain, "train": train}

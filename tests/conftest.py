@@ -1,5 +1,6 @@
 """Shared fixtures. Nothing here downloads: the tiny models are built from configs with random weights,
 and the end-to-end tests use the embedded smollm2-135m that installs with requirements.txt."""
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -51,3 +52,20 @@ def module_dir(tmp_path_factory):
     yield make
     for d in made:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def rolled_back(run: Path, step: int, dest: Path) -> Path:
+    """A copy of a finished run folder as a crash right after its step-`step` checkpoint leaves it (bar the later
+    metrics rows and checkpoints, which --resume must drop or replace). The run kept that checkpoint as OUT/ckpt-<step>
+    (--save-every, --keep-checkpoints). Weights and states are hard links, since a run writes new files and never
+    into old ones; everything else is copied, since a resumed run appends to its logs."""
+    def place(src, dst):
+        if src.endswith((".safetensors", ".pt")):
+            return os.link(src, dst)
+        return shutil.copy2(src, dst)
+    shutil.copytree(run, dest, copy_function=place)
+    for old in [dest / "ckpt", *dest.glob("ckpt-*")]:
+        if old.name != f"ckpt-{step}":
+            shutil.rmtree(old)
+    (dest / f"ckpt-{step}").rename(dest / "ckpt")
+    return dest

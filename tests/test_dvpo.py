@@ -3,7 +3,6 @@ controller, the presets, the data readers, train() with its GVM frozen, and both
 exact resume."""
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 import common as C
 import dvpo
 import ppo
-from conftest import ROOT
+from conftest import ROOT, rolled_back
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")
 STAGE1 = ["--data", EASY, "--max-new-tokens", "12", "--collect-problems", "6", "--collect-n", "2", "--gvm-batch", "4",
@@ -280,7 +279,7 @@ def stable(row):
 def both_stages(module_dir):
     """`python dvpo.py` (no subcommand) on a tiny budget: stage 1 into OUT/gvm, then 2 policy steps."""
     out = module_dir("dvpo")
-    run(*STAGE1, *STAGE2, "--steps", "2", "--out", str(out))
+    run(*STAGE1, *STAGE2, "--steps", "2", "--save-every", "1", "--keep-checkpoints", "3", "--out", str(out))
     return out
 
 
@@ -357,30 +356,31 @@ def test_train_keeps_the_gvm_frozen_and_feeds_gae_what_the_variant_says(both_sta
 
 @pytest.mark.slow
 def test_stage_2_resume_continues_exactly(both_stages, tmp_path):
-    """Combined run: 2 steps, then --resume to 3 (stage 1 is skipped: finished) = `train --gvm` 3 steps straight."""
-    resumed = tmp_path / "resumed"
-    shutil.copytree(both_stages, resumed)
-    gvm_hash = sha(resumed / "gvm" / "ckpt" / "gvm" / "model.safetensors")
-    gvm_log = (resumed / "gvm" / "metrics.jsonl").read_text()
-    p = run(*STAGE1, *STAGE2, "--steps", "3", "--resume", "--out", str(resumed))
-    assert "collect" not in p.stderr and (resumed / "gvm" / "metrics.jsonl").read_text() == gvm_log
-    assert sha(resumed / "gvm" / "ckpt" / "gvm" / "model.safetensors") == gvm_hash
-    straight = tmp_path / "straight"
-    run("train", "--gvm", str(resumed / "gvm"), *STAGE2, "--steps", "3", "--out", str(straight))
-    assert [stable(x) for x in rows(resumed / "metrics.jsonl")] == [stable(x) for x in rows(straight / "metrics.jsonl")]
-    wa, wb = (load_file(o / "ckpt" / "policy" / "model.safetensors") for o in (resumed, straight))
+    """The combined run as a crash right after stage 2's step 1 leaves it, resumed with no subcommand: stage 1 is
+    skipped (finished), and stage 2 ends with the metrics and weights of the run in one go."""
+    cut = rolled_back(both_stages, 1, tmp_path / "cut")
+    gvm_hash = sha(cut / "gvm" / "ckpt" / "gvm" / "model.safetensors")
+    gvm_log = (cut / "gvm" / "metrics.jsonl").read_text()
+    p = run(*STAGE1, *STAGE2, "--steps", "2", "--resume", "--out", str(cut))
+    assert "collect" not in p.stderr and (cut / "gvm" / "metrics.jsonl").read_text() == gvm_log
+    assert sha(cut / "gvm" / "ckpt" / "gvm" / "model.safetensors") == gvm_hash
+    assert [stable(x) for x in rows(cut / "metrics.jsonl")] == [stable(x) for x in rows(both_stages / "metrics.jsonl")]
+    wa, wb = (load_file(o / "ckpt" / "policy" / "model.safetensors") for o in (both_stages, cut))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.slow
 def test_stage_1_resume_continues_exactly(both_stages, tmp_path):
-    """Stage 1 for 1 pass with a checkpoint every step, then --resume to 2 passes = the 2-pass GVM above."""
-    run("pretrain", *STAGE1, "--gvm-epochs", "1", "--save-every", "1", "--out", str(tmp_path))
-    run("pretrain", *STAGE1, "--gvm-epochs", "2", "--resume", "--out", str(tmp_path))
-    a = load_file(tmp_path / "ckpt" / "gvm" / "model.safetensors")
+    """Stage 1 as a crash right after its GVM step 2 (of 4) leaves it, resumed: the same GVM as in one go, trained on
+    the same rows (not collected again)."""
+    cut = rolled_back(both_stages / "gvm", 2, tmp_path / "gvm")
+    p = run("pretrain", *STAGE1, *STAGE2, "--resume", "--out", str(cut))
+    assert "collect" not in p.stderr
+    a = load_file(cut / "ckpt" / "gvm" / "model.safetensors")
     b = load_file(both_stages / "gvm" / "ckpt" / "gvm" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert rows(tmp_path / "rollouts.jsonl") == rows(both_stages / "gvm" / "rollouts.jsonl")
+    resumed, straight = rows(cut / "metrics.jsonl"), rows(both_stages / "gvm" / "metrics.jsonl")
+    assert [stable(x) for x in resumed] == [stable(x) for x in straight]
 
 
 @pytest.mark.slow
@@ -389,14 +389,14 @@ def test_paper_variant_adapts_beta_and_resumes_exactly(both_stages, tmp_path):
     beta and the reference (the initial policy) over."""
     paper = ["train", "--variant", "paper", "--gvm", str(both_stages / "gvm"), *STAGE2, "--oracle-k", "0",
              "--eval-problems", "0"]
-    run(*paper, "--steps", "2", "--out", str(tmp_path / "paper"))
+    run(*paper, "--steps", "2", "--save-every", "1", "--keep-checkpoints", "2", "--out", str(tmp_path / "paper"))
     r = rows(tmp_path / "paper" / "metrics.jsonl")
     # the adaptive beta: 0.2 at step 1; step 1's KL is 0 (pi = pi_ref), so its error clips at -0.2, over n = 4
     assert r[0]["kl_coef"] == 0.2 and r[1]["kl_coef"] == pytest.approx(0.2 * (1 - 0.2 * 4 / 1e4), abs=1e-6)
     assert r[1]["kl"] != 0.0 and r[0]["grad_norm"] > 0  # step 2: the KL the reward paid, logged (the loss has none)
-    run(*paper, "--steps", "1", "--out", str(tmp_path / "half"))  # 1 step, then --resume to 2 = 2 steps straight
-    run(*paper, "--steps", "2", "--resume", "--out", str(tmp_path / "half"))
-    assert [stable(x) for x in rows(tmp_path / "half" / "metrics.jsonl")] == [stable(x) for x in r]
+    cut = rolled_back(tmp_path / "paper", 1, tmp_path / "cut")  # a crash after step 1, then --resume to 2
+    run(*paper, "--steps", "2", "--resume", "--out", str(cut))
+    assert [stable(x) for x in rows(cut / "metrics.jsonl")] == [stable(x) for x in r]
 
 
 def test_pretrain_on_pairs_alone_with_the_official_batch_structure(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 import common as C
 import genac
-from conftest import ROOT
+from conftest import ROOT, rolled_back
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")
 TINY = ["--data", EASY, "--max-new-tokens", "12", "--segment", "6", "--critic-max-tokens", "12", "--prompts-per-step",
@@ -291,7 +292,7 @@ def rows(path):
 def three_stages(module_dir):
     """`python genac.py` (no subcommand) on a tiny budget: sft, pretrain, then 2 joint steps."""
     out = module_dir("genac")
-    run(*TINY, "--steps", "2", "--oracle-k", "2", "--out", str(out))
+    run(*TINY, "--steps", "2", "--oracle-k", "2", "--save-every", "1", "--keep-checkpoints", "2", "--out", str(out))
     return out
 
 
@@ -324,19 +325,42 @@ def test_no_subcommand_runs_the_three_stages(three_stages):
 
 
 @pytest.mark.slow
-def test_stage_3_resume_continues_exactly(three_stages, tmp_path):
-    critic = str(three_stages / "pretrain" / "ckpt" / "critic")
-    run("train", *TINY, "--critic", critic, "--steps", "1", "--oracle-k", "2", "--save-every", "1", "--out", str(tmp_path))
-    run("train", *TINY, "--critic", critic, "--steps", "2", "--oracle-k", "2", "--resume", "--out", str(tmp_path))
-    # eval_acc differs by design: the 1-step run evaluated after its last step, the straight run did not at step 1
-    volatile = {"time_gen", "time_train", "time_critic", "time_step", "peak_mem_gb", "eval_acc"}
+def test_resume_skips_the_finished_stages_and_continues_stage_3_exactly(three_stages, tmp_path):
+    """The three-stage run as a crash right after stage 3's step 1 leaves it, resumed with no subcommand: stages 1
+    and 2 do not run again, and stage 3 ends with the metrics and both models of the run in one go."""
+    cut = rolled_back(three_stages, 1, tmp_path / "cut")
+    logs = {stage: (cut / stage / "metrics.jsonl").read_text() for stage in ("sft", "pretrain")}
+    p = run(*TINY, "--steps", "2", "--oracle-k", "2", "--resume", "--out", str(cut))
+    assert "genac sft" not in p.stderr and "genac pretrain" not in p.stderr  # their progress bars
+    assert {stage: (cut / stage / "metrics.jsonl").read_text() for stage in logs} == logs
+    volatile = {"time_gen", "time_train", "time_critic", "time_step", "peak_mem_gb"}
     keys = lambda r: {k: v for k, v in r.items() if k not in volatile}  # noqa: E731
-    resumed, straight = rows(tmp_path / "metrics.jsonl"), rows(three_stages / "metrics.jsonl")
-    assert [keys(r) for r in resumed] == [keys(r) for r in straight]
-    assert resumed[-1]["eval_acc"] == straight[-1]["eval_acc"]
+    assert [keys(r) for r in rows(cut / "metrics.jsonl")] == [keys(r) for r in rows(three_stages / "metrics.jsonl")]
     for part in ("policy", "critic"):
-        a, b = (load_file(o / "ckpt" / part / "model.safetensors") for o in (three_stages, tmp_path))
+        a, b = (load_file(o / "ckpt" / part / "model.safetensors") for o in (three_stages, cut))
         assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_resume_redoes_only_the_stages_cut_short_and_names_a_changed_flag(tmp_path, monkeypatch):
+    """run_all's dispatch, the stages stubbed: stage 1 finished (its critic is there), stage 2 and 3 were cut short
+    before their checkpoints, so --resume starts stage 2 afresh from stage 1's critic, then stage 3 afresh."""
+    calls = []
+
+    def stub(name):
+        def stage(a):
+            calls.append((name, a.resume, a.overwrite, a.critic))
+            return Path(a.out) / "ckpt" / "critic"
+        return stage
+    for name in ("sft", "pretrain", "train"):
+        monkeypatch.setattr(genac, name, stub(name))
+    out = tmp_path / "run"
+    C.start_run(genac.Args(out=str(out / "sft")), "genac sft")
+    (out / "sft" / "ckpt" / "critic").mkdir(parents=True)
+    genac.run_all(genac.Args(out=str(out), resume=True))
+    first, second = str(out / "sft" / "ckpt" / "critic"), str(out / "pretrain" / "ckpt" / "critic")
+    assert calls == [("pretrain", False, True, first), ("train", False, True, second)]
+    with pytest.raises(SystemExit, match="--sft-n 4 \\(saved\\) -> 3 \\(now\\)"):
+        genac.run_all(genac.Args(out=str(out), resume=True, sft_n=3))
 
 
 @pytest.mark.slow

@@ -42,6 +42,10 @@ def test_config_json_records_the_run_and_resume_refuses_other_settings(tmp_path,
     C.start_run(a_run(tmp_path, lr=1e-5, resume=True, steps=40, micro_batch_size=4), "grpo", 40)  # operational: fine
     with pytest.raises(SystemExit, match="holds a grpo run, not v05"):
         C.start_run(v05.Args(out=str(tmp_path / "run"), resume=True), "v05", 8)
+    longer = a_run(tmp_path, lr=1e-5, epochs=2, resume=True)
+    with pytest.raises(SystemExit, match=r"--epochs 1 \(saved\) -> 2 \(now\)"):
+        C.start_run(longer, "grpo", 20)
+    C.start_run(longer, "grpo", 20, free=("epochs",))  # a stage's own length, which --resume may raise (--gvm-epochs)
 
 
 def test_a_fresh_run_never_overwrites_a_run_and_resume_past_the_end_says_so(tmp_path, capsys):
