@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import common as C
 import grpo
-from conftest import ROOT
+from conftest import ROOT, rolled_back
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")  # "What is 3 + 1?": every group has reward spread
 TINY = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "16",
@@ -82,23 +82,34 @@ def test_same_seed_same_numbers(two_step_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["--no-share-prompts"], []], ids=["one-pass", "share-prompts"])
-def test_resume_continues_exactly(tmp_path, extra):
-    """2 steps + --resume to 4 gives the same metrics and the same weights as 4 steps in one go:
-    weights, optimizer moments, data cursor and RNG all come back. With --share-prompts (the default) too (before its backward
-    summed in a fixed order, steps 2-4 drifted by ~1e-6 in grad_norm here, on every try)."""
-    full, split = tmp_path / "full", tmp_path / "split"
-    run(*TINY[2:], *extra, "--steps", "4", "--out", str(full))
-    run(*TINY[2:], *extra, "--steps", "2", "--save-every", "1", "--out", str(split))
+def test_resume_continues_exactly(tmp_path):
+    """4 steps in one go, checkpointing at 2 and 4; the folder as a crash right after step 2 leaves it, resumed to 4,
+    gives the same metrics and the same weights: weights, optimizer moments, data cursor and RNG all come back.
+    (Before the shared-prompt backward summed in a fixed order, steps 3-4 drifted by ~1e-6 in grad_norm here.)"""
+    full = tmp_path / "full"
+    run(*TINY[2:], "--steps", "4", "--save-every", "2", "--keep-checkpoints", "2", "--out", str(full))
+    split = rolled_back(full, 2, tmp_path / "split")
     state = C.read_state(split / "ckpt" / "state.pt")
     assert state["step"] == 2 and state["optimizers"]["policy"]["state"], "optimizer moments must be saved"
-    run(*TINY[2:], *extra, "--steps", "4", "--resume", "--out", str(split))
+    run(*TINY[2:], "--steps", "4", "--resume", "--out", str(split))
     a, b = rows(full), rows(split)
     assert [x["step"] for x in b] == [0, 1, 2, 3, 4]
-    keys = lambda x: {k: v for k, v in x.items() if k not in VOLATILE | {"eval_acc"}}  # noqa: E731
+    keys = lambda x: {k: v for k, v in x.items() if k not in VOLATILE}  # noqa: E731
     assert [keys(x) for x in a] == [keys(x) for x in b]
     wa, wb = weights(full), weights(split)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_one_pass_forward_trains_on_the_shared_prompt_numbers(two_step_run, tmp_path):
+    """--no-share-prompts (every rollout's prompt in its own forward pass) against the default, which reads a
+    group's prompt once: the same rollouts, rewards and tokens, and the same gradients and entropies to rounding."""
+    run(*TINY, "--oracle-k", "2", "--no-share-prompts", "--out", str(tmp_path))
+    for one, shared in zip(rows(tmp_path), rows(two_step_run), strict=True):
+        assert one.keys() == shared.keys()
+        for k in one.keys() - VOLATILE:
+            same = one[k] == shared[k] or one[k] == pytest.approx(shared[k], rel=1e-4, abs=1e-6)
+            assert same, (one["step"], k, one[k], shared[k])
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import common as C
 import poise
-from conftest import ROOT, TinyTok
+from conftest import ROOT, TinyTok, rolled_back
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")
 TINY = ["--steps", "3", "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "12", "--data", EASY,
@@ -390,7 +390,7 @@ def test_group_of_one_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def poise_run(module_dir):
     out = module_dir("poise")
-    run(*TINY, "--oracle-k", "2", "--out", str(out))
+    run(*TINY, "--oracle-k", "2", "--save-every", "2", "--keep-checkpoints", "2", "--out", str(out))
     return out
 
 
@@ -423,12 +423,31 @@ def test_the_run_trains_the_probe_on_the_siblings_rewards(poise_run):
 
 @pytest.mark.slow
 def test_resume_continues_exactly(poise_run, tmp_path):
-    """2 steps + --resume to 3 = 3 steps in one go: weights, optimizer, cursor and the probe's buffer come back."""
-    run(*TINY[:1], "2", *TINY[2:], "--oracle-k", "2", "--out", str(tmp_path))
-    run(*TINY, "--oracle-k", "2", "--resume", "--out", str(tmp_path))
-    a, b = rows(poise_run), rows(tmp_path)
-    volatile = {"time_gen", "time_train", "time_step", "time_features", "time_probe", "peak_mem_gb", "eval_acc"}
+    """The 3-step run as a crash right after step 2 leaves it, resumed: the same metrics and weights as in one go
+    (weights, optimizer, cursor and the probe's buffer come back)."""
+    cut = rolled_back(poise_run, 2, tmp_path / "cut")
+    run(*TINY, "--oracle-k", "2", "--resume", "--out", str(cut))
+    a, b = rows(poise_run), rows(cut)
+    volatile = {"time_gen", "time_train", "time_step", "time_features", "time_probe", "peak_mem_gb"}
     keys = lambda x: {k: v for k, v in x.items() if k not in volatile}  # noqa: E731
     assert [keys(x) for x in a] == [keys(x) for x in b]
-    wa, wb = (load_file(o / "ckpt" / "policy" / "model.safetensors") for o in (poise_run, tmp_path))
+    wa, wb = (load_file(o / "ckpt" / "policy" / "model.safetensors") for o in (poise_run, cut))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_poise_vs_critic_summarises_the_seeds_it_finds_with_t_intervals(tmp_path):
+    """The seed files already there are read, not re-run (nothing here loads a model), and the summary is each
+    estimator's mean with Student's t interval (t_{0.975, 2} = 4.303), plus the paired difference probe - critic."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import poise_vs_critic as bench
+    r = {"probe": [0.5, 0.6, 0.7], "critic": [0.7, 0.7, 0.7]}
+    for seed in range(3):
+        res = {name: {"pearson_r": r[name][seed], "mae": 0.15} for name in r} | {"train mean": {"pearson_r": 0.0,
+                                                                                                "mae": 0.2}}
+        (tmp_path / f"seed{seed}.json").write_text(json.dumps(res))
+    summary = bench.main(["--seeds", "0,1,2", "--out", str(tmp_path)])
+    m, lo, hi = summary["probe"]["pearson_r"]
+    assert m == pytest.approx(0.6) and hi - m == pytest.approx(4.303 * 0.1 / np.sqrt(3), rel=1e-3) and m - lo == hi - m
+    assert summary["probe - critic"]["pearson_r"] == pytest.approx([-0.1, lo - 0.7, hi - 0.7])
+    assert summary["critic"]["mae"] == pytest.approx([0.15, 0.15, 0.15])  # no spread: a zero-width interval
+    assert json.loads((tmp_path / "summary.json").read_text())["train mean"]["mae"][0] == pytest.approx(0.2)
