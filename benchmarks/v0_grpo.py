@@ -146,6 +146,9 @@ def main(args: GrpoArgs):
                        frac_reward_zero_std=float(np.mean(zero_spread)), groups=len(groups),
                        wasted_rollout_frac=float(sum(s for s, z in zip(sizes, zero_spread) if z) / len(rollouts)),
                        rollouts_per_useful_group=len(rollouts) / informative if informative else float("nan"))
+        if args.oracle_k > 0:  # diagnostic only: each group's mean, its GRPO baseline, vs a Monte-Carlo p(x)
+            metrics.update(C.oracle_baseline_mse(sampler, tok, [g.problem for g in groups], rates, args,
+                                                 seed=C.second_seed(args.seed, step)))
         sampler.sleep()  # GPU: the engine frees its memory for the update (--vllm-sleep)
         with timer("time_train"):
             batch = C.collate(rollouts, tok.pad_token_id, dev)

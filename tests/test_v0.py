@@ -453,9 +453,10 @@ def test_collect_writes_rows_in_the_authors_format(tmp_path):
 def test_v0_grpo_logs_allocation_metrics(tmp_path):
     out = tmp_path / "run"
     run("benchmarks/v0_grpo.py", "--steps", "1", "--prompts-per-step", "2", "--group-size", "4", "--candidates", "2",
-        "--max-new-tokens", "8", "--eval-problems", "0", "--out", str(out), "--sampler", "hf")
+        "--max-new-tokens", "8", "--eval-problems", "0", "--oracle-k", "2", "--out", str(out), "--sampler", "hf")
     row = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert row["rollouts"] == 8 and "v0_pred_mse" in row
+    assert 0 <= row["baseline_mse"] <= 1 and 0 <= row["oracle_var"] <= 0.25  # K = 2: p_hat(1 - p_hat) / 1
     # budget 8, groups of 4-8: one group of 8 or two of 4, so the wasted share equals the share of flat groups
     assert row["groups"] in (1, 2) and row["wasted_rollout_frac"] == pytest.approx(row["frac_reward_zero_std"])
     assert (out / "ckpt" / "state.pt").exists()
