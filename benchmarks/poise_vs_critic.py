@@ -11,9 +11,13 @@ critic of the policy's size. Here, for one fixed policy (--model):
   held out       --heldout prompts of arith:test; p(x) from --oracle-k fresh rollouts; the probe predicts from
                  2 other rollouts (the mean of g over them: it reads responses), the critic from the prompt alone
                  (V at the first response token, ppo.py's baseline)
-Prints Pearson r and MAE against p(x) for the probe, the critic and the constant training mean.
+Prints Pearson r and MAE against p(x) for the probe, the critic and the constant training mean; with several
+--seeds (each: other training prompts, rollouts and mini-batch order, other p(x) samples; the same held-out
+prompts), their means with a 95% Student's t interval over seeds, and the paired difference probe - critic. Each
+seed's numbers go to OUT/seed<k>.json as it finishes; a seed already there is read, not re-run (resumable).
 
-    python benchmarks/poise_vs_critic.py                  # ~20 min on 2 CPU cores
+    python benchmarks/poise_vs_critic.py                                  # seed 0, 48 held-out prompts
+    python benchmarks/poise_vs_critic.py --seeds 0,1,2 --heldout 128      # issue 28's measurement
     python benchmarks/poise_vs_critic.py --model runs/poise_default/ckpt/policy
 """
 import argparse
@@ -30,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common as C  # noqa: E402
 import poise  # noqa: E402
 import ppo  # noqa: E402
+from compare import t_interval  # noqa: E402  (benchmarks/compare.py: Student's t over seeds)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--train-prompts", type=int, default=128)
@@ -42,9 +47,39 @@ def main():
     ap.add_argument("--critic-lr", type=float, default=1e-4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="", help="write the results as JSON here")
-    a = ap.parse_args()
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds")
+    ap.add_argument("--out", default="runs/poise_vs_critic", help="folder: seed<k>.json per seed, summary.json")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in [int(x) for x in a.seeds.split(",")]:
+        path = out / f"seed{seed}.json"
+        if not path.exists():
+            res = one_seed(argparse.Namespace(**vars(a), seed=seed))
+            with C.atomic_file(path) as tmp:
+                tmp.write_text(json.dumps(res, indent=1))
+        results.append(json.loads(path.read_text()))
+    summary = summarise(results)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if len(results) > 1:  # one seed has no interval
+        print(f"over seeds {a.seeds} (mean [95% t interval]):")
+        for name, v in summary.items():
+            print(f"{name:>16}: " + " ".join(f"{k}={m:.3f} [{lo:.3f}, {hi:.3f}]" for k, (m, lo, hi) in v.items()))
+    return summary
+
+
+def summarise(results: list[dict]) -> dict:
+    """Each estimator's r and MAE over seeds, and the paired difference probe - critic (the paper: > 0 for r)."""
+    summary = {name: {k: t_interval([res[name][k] for res in results]) for k in ("pearson_r", "mae")}
+               for name in ("probe", "critic", "train mean")}
+    summary["probe - critic"] = {k: t_interval([res["probe"][k] - res["critic"][k] for res in results])
+                                 for k in ("pearson_r", "mae")}
+    return summary
+
+
+def one_seed(a) -> dict:
+    """One seed's measurement: the estimators' Pearson r and MAE against p(x) on the held-out prompts."""
     t0 = time.perf_counter()
     C.seed_everything(a.seed)
     policy, tok, path = C.load_model(a.model)
@@ -83,14 +118,13 @@ def main():
     pred = {"probe": poise.probe_predict(probe, h_feats).reshape(len(held), 2).mean(1),
             "critic": ppo.critic_values(critic, h_batch, ca.micro_batch_size)[:, 0].view(len(held), 2).mean(1).numpy(),
             "train mean": np.full(len(held), rewards.mean().item())}
-    res = {"model": a.model, "train_rollouts": len(roll), "heldout": len(held), "oracle_k": a.oracle_k,
+    res = {"model": a.model, "seed": a.seed, "train_rollouts": len(roll), "heldout": len(held), "oracle_k": a.oracle_k,
            "heldout_p_mean": float(p_hat.mean()), "seconds": round(time.perf_counter() - t0)}
-    print(f"held-out: {len(held)} prompts, p(x) from {a.oracle_k} rollouts, mean {p_hat.mean():.3f}")
+    print(f"seed {a.seed}, held-out: {len(held)} prompts, p(x) from {a.oracle_k} rollouts, mean {p_hat.mean():.3f}")
     for name, v in pred.items():
         res[name] = {"pearson_r": poise.pearson(v, p_hat), "mae": float(np.mean(np.abs(v - p_hat)))}
         print(f"{name:>10}: r={res[name]['pearson_r']:.3f} mae={res[name]['mae']:.3f}")
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    return res
 
 
 if __name__ == "__main__":
