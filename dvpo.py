@@ -182,15 +182,14 @@ def read_scored(path) -> list[dict]:
     """Rows {prompt: str, response: str, score: number, [response_ids: [int], finish]}; file:line on a bad row."""
     rows = []
     for i, row in C.read_jsonl(path):
-        where = f"{path}:{i}"
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
-            raise ValueError(f"{where}: needs string fields 'prompt' and 'response'")
+            raise ValueError(f"{path}:{i}: needs string fields 'prompt' and 'response'")
         if not isinstance(row.get("score"), (int, float)) or isinstance(row["score"], bool) \
                 or not math.isfinite(row["score"]):
-            raise ValueError(f"{where}: 'score' must be a finite number, got {row.get('score')!r}")
+            raise ValueError(f"{path}:{i}: 'score' must be a finite number, got {row.get('score')!r}")
         ids = row.get("response_ids")
         if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
-            raise ValueError(f"{where}: 'response_ids' must be a list of token ids")
+            raise ValueError(f"{path}:{i}: 'response_ids' must be a list of token ids")
         rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no rows")
@@ -275,6 +274,7 @@ def pretrain(args: Args) -> Path:
     C.seed_everything(args.seed)
     policy, tok, path = C.load_model(args.model, dev, dtype, args.thinking)
     rows_file = Path(args.rollouts) if args.rollouts else out / "rollouts.jsonl"
+    t0 = time.perf_counter()
     if not args.rollouts and not (args.resume and rows_file.exists()):
         rows = []
         if args.collect_problems > 0:  # another draw than stage 2's ProblemStream(seed): the GVM is to generalise
@@ -285,6 +285,7 @@ def pretrain(args: Args) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         with C.atomic_file(rows_file) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    time_collect = time.perf_counter() - t0  # ~0 when the rows are read, not sampled
     rows = [] if not args.rollouts and rows_file.stat().st_size == 0 else read_scored(rows_file)
     if args.pairs:
         chosen, rejected = (float(x) for x in args.pair_scores.split(","))
@@ -310,14 +311,13 @@ def pretrain(args: Args) -> Path:
     if args.resume and (out / "ckpt" / "state.pt").exists():
         start = C.load_checkpoint(str(out), {"gvm": (gvm, optimizer)})["step"]
     logger = C.RunLogger(str(out), start, args.report_to)
-    logger.CONSOLE = ["value_loss", "explained_variance", "gvm_heldout_mse", "gvm_heldout_const_mse",
-                      "gvm_heldout_auc"]
+    logger.CONSOLE = ["value_loss", "explained_variance", "gvm_heldout_mse", "gvm_heldout_const_mse", "gvm_heldout_auc"]
     per_batch = dataclasses.replace(args, epochs=args.gvm_batch_epochs, minibatch_size=args.gvm_minibatch)
     held_seqs = [seqs[i] for i in held]
     report = lambda: gvm_report(gvm, held_seqs, scores[held], const, args, tok.pad_token_id, dev)  # noqa: E731
 
     if start == 0:
-        logger.log(0, {"gvm_rows": len(train), "gvm_heldout_rows": len(held), **report()})
+        logger.log(0, {"gvm_rows": len(train), "gvm_heldout_rows": len(held), "time_collect": time_collect, **report()})
     for step in C.tqdm(range(start + 1, total + 1), desc="gvm", initial=start, total=total):
         t0 = time.perf_counter()
         idx = [train[j] for j in C.shuffled_batch(step, len(train), args.gvm_batch, args.seed)]

@@ -242,13 +242,13 @@ def states_of(tok, problems: list[C.Problem], rollouts: list[C.Rollout], outcome
     return states, bounds
 
 
-def monte_carlo_states(sampler, tok, problems: list[C.Problem], args) -> tuple[list[State], np.ndarray, float]:
+def monte_carlo_states(sampler, tok, problems: list[C.Problem], args) -> tuple[list[State], np.ndarray, float, int]:
     """Stage 1's states and their Monte-Carlo success rates p_MC, from the actor's own samples:
       the empty state of each problem ........ the mean of --sft-n rollouts
       a mid-response state of a rollout ...... the mean over the rollout and --sft-continuations fresh
                                                continuations from its prefix (each cut to the state's budget)
       the final token's state ................ the rollout's own outcome (one token is left, nearly always eos)
-    Also returns the rollouts' success rate: the running mean ICC shows in the traces."""
+    Also returns the rollouts' success rate (the running mean ICC shows in the traces) and the continuations drawn."""
     n, m = args.sft_n, args.sft_continuations
     rollouts, y, _ = C.rollouts_scored(sampler, tok, problems, n, args, C.rollout_seed(args.seed, 0, 11),
                                          desc="sft rollouts")
@@ -270,7 +270,7 @@ def monte_carlo_states(sampler, tok, problems: list[C.Problem], args) -> tuple[l
              [State(problems[r.prompt_idx].question, tok.decode(r.ids[:t], skip_special_tokens=True),
                     args.max_new_tokens - t) for r, t, _ in mid + final]
     p_mc = np.concatenate([p_empty, hits / (1 + m), [yi for _, _, yi in final]])
-    return states, p_mc, float(np.mean(y))
+    return states, p_mc, float(np.mean(y)), len(mid) * m
 
 
 # -------------------- The three stages ------------------------------------------------------------
@@ -296,7 +296,7 @@ def sft(args: Args) -> Path:
     dev, dtype, policy, tok, path, critic, cpath, _, actor = setup(args, trainable_actor=False)
     problems = C.ProblemStream(C.load_problems(args.data), args.seed + 1).take(args.sft_problems)  # not stage 3's order
     sampler = C.sampler_for(args, policy, tok, path, dtype, problems)
-    states, p_mc, ema = monte_carlo_states(sampler, tok, problems, args)
+    states, p_mc, ema, conts = monte_carlo_states(sampler, tok, problems, args)
     del sampler
     eos = C.eos_ids(critic, tok)[0]
     targets = [tok(sft_trace(p, s.partial), add_special_tokens=False)["input_ids"] + [eos]
@@ -309,7 +309,7 @@ def sft(args: Args) -> Path:
     logger.CONSOLE = ["sft_loss", "sft_rows", "time_step"]
     one = dataclasses.replace(args, epochs=1, minibatch_size=0)
     per_epoch = -(-len(seqs) // args.micro_batch_size)
-    logger.log(0, {"sft_rows": len(seqs), "actor_acc": ema, "p_mc_mean": float(p_mc.mean())})
+    logger.log(0, {"sft_rows": len(seqs), "sft_continuations": conts, "actor_acc": ema, "p_mc_mean": p_mc.mean()})
     for step in C.tqdm(range(1, per_epoch * args.sft_epochs + 1), desc="genac sft"):
         t0 = time.perf_counter()
         rows = C.shuffled_batch(step, len(seqs), args.micro_batch_size, args.seed)

@@ -186,9 +186,9 @@ def test_monte_carlo_states_by_hand():
     }
     sampler = ScriptedSampler(script)
     args = genac.Args(sft_n=2, sft_continuations=2, segment=2, max_new_tokens=6)
-    states, p_mc, acc = genac.monte_carlo_states(sampler, WordTok(), probs, args)
+    states, p_mc, acc, n_cont = genac.monte_carlo_states(sampler, WordTok(), probs, args)
     assert sampler.calls == [(2, 6), (2, 5)]  # continuations may run to the largest budget left, 6 - 1
-    assert acc == 0.5
+    assert acc == 0.5 and n_cont == 2 * 2  # 2 mid states x --sft-continuations
     # empty states: the mean of the 2 rollouts; mid states: (rollout + continuations) / 3; final: the rollout
     assert p_mc.tolist() == pytest.approx([1 / 2, 1 / 2, (1 + 1 + 0) / 3, (0 + 1 + 0) / 3, 1, 0, 0, 1])
     assert [(s.question, s.partial, s.left) for s in states] == [
@@ -302,6 +302,7 @@ def test_no_subcommand_runs_the_three_stages(three_stages):
     # stage 1: 3 problems' empty states + at least one later state of each of the 6 rollouts; one epoch of
     # micro-batches of 8 traces
     assert sft[0]["sft_rows"] >= 3 + 6 and len(sft) - 1 == -(-sft[0]["sft_rows"] // 8)
+    assert sft[0]["sft_continuations"] == (sft[0]["sft_rows"] - 3 - 6) * 1  # a mid state each, x --sft-continuations
     assert len(pre) == 1 and pre[0]["critic_tokens"] > 0
     assert [r["step"] for r in joint] == [0, 1, 2]
     for r in [*pre, *joint[1:]]:
