@@ -21,8 +21,8 @@ a run with a checkpoint is continued with --resume (the scripts then refuse sett
 a folder that holds a run with nothing to continue from (killed before its first checkpoint) is started again with
 --overwrite. Stop it at any moment (Ctrl-C stops the run in progress with it) and run the same command again. A
 finished run's checkpoints are deleted (--keep-checkpoints keeps them): the record is metrics.jsonl, and 21 runs'
-checkpoints would take tens of GB. --overwrite starts the selected runs afresh. genac.py --resume reruns its
-stages 1 and 2 before it continues stage 3 from its checkpoint (dvpo.py --resume skips a finished stage 1).
+checkpoints would take tens of GB. --overwrite starts the selected runs afresh. genac.py and dvpo.py --resume skip
+the stages that finished (dvpo.py also continues a stage 1 cut short; genac.py starts its stage 1 or 2 again).
 
 What is matched
   - Training rollouts a step (the policy's budget), steps, the prompt stream and the evaluation. Every script draws
@@ -224,13 +224,12 @@ def plan(method: str, seed: int, a) -> tuple[str, list[str], str]:
             raise SystemExit(f"{folder} holds a finished run with other settings than these:\n  " + "\n  ".join(changed)
                              + "\nrun the comparison as it was, choose another --out, or pass --overwrite to redo it")
         return "skip", command(method, seed, a), f"finished (step {step})"
-    stage = method == "dvpo" and (folder / "gvm" / "config.json").exists()  # dvpo.py --resume continues stage 1
-    if checkpointed(folder) or stage:
+    # with --resume, dvpo.py continues its stage 1 and genac.py skips its stages that finished
+    stage = {"dvpo": folder / "gvm" / "config.json", "genac": folder / "sft" / "ckpt" / "critic"}.get(method)
+    if checkpointed(folder) or (stage and stage.exists()):
         meta = folder / "ckpt" / "meta.json"
         ck = json.loads(meta.read_text())["step"] if meta.exists() else None
-        why = f"checkpoint at step {ck}" if ck is not None else "stage 1 started"
-        if method == "genac":
-            why += " (genac.py reruns its stages 1 and 2 on --resume)"
+        why = f"checkpoint at step {ck}" if ck is not None else f"stage 1 {'started' if method == 'dvpo' else 'finished'}"
         return "resume", command(method, seed, a, ("--resume",)), why
     held = [p for p in ("metrics.jsonl", "config.json", "ckpt", "ckpt.old", *STAGES.get(method, []))
             if (folder / p).exists()]
@@ -337,8 +336,10 @@ def run_summary(folder: Path, steps: int) -> dict | None:
     if gvm.exists():  # DVPO stage 1: the scored rollouts the GVM trained (and was measured) on
         out["stage1_rollouts"] = int(json.loads(gvm.read_text())["rows"])
     sft, pre = saved_args(folder / "sft"), saved_args(folder / "pretrain")
-    if sft and pre:  # GenAC stages 1 and 2 (stage 1's continuations are not logged)
+    if sft and pre:  # GenAC stages 1 and 2; stage 1's step-0 row counts its continuations
         out["stage1_rollouts"] = int(sft["sft_problems"]) * int(sft["sft_n"])
+        first = read_rows(folder / "sft" / "metrics.jsonl")[:1]
+        out["stage1_continuations"] = first[0].get("sft_continuations") if first else None
         out["stage2_rollouts"] = int(pre["pretrain_steps"]) * int(pre["prompts_per_step"]) * int(pre["group_size"])
     return out
 
@@ -382,7 +383,8 @@ def aggregate(out: Path, methods: list[str], seeds: list[int] | None, steps: int
                   "final": t_interval(finals) if finals else None, "n": len(finals), "curve": curve,
                   "before": mean_of([r["eval"].get(0) for r in done.values()]),
                   **{k: mean(k) for k in ("rollouts", "train_steps", "wall_s", "train_s", "process_s", "baseline_mse",
-                                          "critic_queries", "critic_tokens", "stage1_rollouts", "stage2_rollouts")},
+                                          "critic_queries", "critic_tokens", "stage1_rollouts", "stage1_continuations",
+                                          "stage2_rollouts")},
                   "split": sorted({r["split"] for r in done.values() if r["split"]}),
                   "steps": sorted({r["target"] for r in done.values()}),
                   "oracle_k": sorted({r["oracle_k"] for r in done.values() if r["oracle_k"] is not None})}
@@ -408,7 +410,9 @@ def fmt_min(s) -> str:
 def outside(m: str, r: dict) -> str:
     parts = []
     if r.get("stage1_rollouts") is not None:
-        parts.append(f"stage 1: {r['stage1_rollouts']:.0f} rollouts" + (" + continuations" if m == "genac" else ""))
+        conts = r.get("stage1_continuations")  # None: a GenAC run from before they were logged
+        more = f" + {'?' if conts is None else f'{conts:.0f}'} continuations" if m == "genac" else ""
+        parts.append(f"stage 1: {r['stage1_rollouts']:.0f} rollouts{more}")
     if r.get("stage2_rollouts") is not None:
         parts.append(f"stage 2: {r['stage2_rollouts']:.0f} rollouts")
     if r.get("critic_queries") is not None:

@@ -96,6 +96,9 @@ def test_finished_runs_are_skipped_checkpointed_ones_resumed_others_started_agai
     (f("genac") / "sft").mkdir(parents=True)  # GenAC killed in stage 1: its stages start again
     (f("genac") / "sft" / "config.json").write_text("{}")
     assert compare.plan("genac", 0, a)[0] == "overwrite"
+    (f("genac") / "sft" / "ckpt" / "critic").mkdir(parents=True)  # killed after stage 1: genac.py --resume skips it
+    what, _, why = compare.plan("genac", 0, a)
+    assert what == "resume" and why == "stage 1 finished"
     # a finished run made with other settings is not taken for this comparison's
     write_run(f("grpo", 1), rows_of({20: 0.5}, 20), saved(seed=1, oracle_k=4))
     with pytest.raises(SystemExit, match=r"--oracle-k 4 \(saved\) -> '8' \(now\)"):
@@ -151,7 +154,7 @@ def test_report_aggregates_seeds_into_the_table_and_figure(tmp_path):
     write_run(out / "ppo" / "seed0", rows_of({0: 0.3, 20: 0.55}, 20, mse=0.02), saved("ppo"), "ppo")
     g = out / "genac" / "seed0"
     write_run(g, rows_of({0: 0.3, 20: 0.4}, 20, critic_queries=96, critic_tokens=900), saved("genac"), "genac")
-    write_run(g / "sft", [{"step": 0}], {"sft_problems": 16, "sft_n": 4})
+    write_run(g / "sft", [{"step": 0, "sft_continuations": 40}], {"sft_problems": 16, "sft_n": 4})
     write_run(g / "pretrain", [{"step": 1}], {"pretrain_steps": 3, "prompts_per_step": 32, "group_size": 1})
     v = out / "v05" / "seed0"  # V0.5 spends what it decides: 30 and 38 rollouts a step
     write_run(v, [{"step": 0, "eval_acc": 0.3}] + [{"step": s, "rollouts": 30 if s % 2 else 38, "time_step": 1.0,
@@ -170,7 +173,7 @@ def test_report_aggregates_seeds_into_the_table_and_figure(tmp_path):
     assert cells["grpo"][6] == f"{200 / 60:.1f} / {100 / 60:.1f} / -"  # sum time_step / timed phases / process
     assert cells["ppo"][4] == "0.550 (n=1)"
     assert cells["v05"][1].endswith("-> 34.0") and cells["v05"][5] == "680"
-    assert "critic: 1920 queries, 18000 tokens" in cells["genac"][8] and "stage 1: 64 rollouts" in cells["genac"][8]
+    assert "critic: 1920 queries, 18000 tokens" in cells["genac"][8] and "stage 1: 64 rollouts + 40 continuations" in cells["genac"][8]
     assert "stage 2: 96 rollouts" in cells["genac"][8] and cells["genac"][6].endswith("/ 20.0")
     assert cells["dvpo"][2] == "not run" and cells["poise"][2] == "not run"
     text = (out / "compare.md").read_text()
