@@ -259,7 +259,7 @@ class V0(nn.Module):
     def features(self, states: list[torch.Tensor], pooled: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """list of H [T_i, d], pooled [N, d] -> z [N, K*e] (chunks bound the padded [N, T, d] tensor)"""
         order = sorted(range(len(states)), key=lambda i: len(states[i]))  # similar lengths pad less
-        z = torch.empty(len(states), self.adapter.K * self.adapter.e)
+        z = pooled.new_empty(len(states), self.adapter.K * self.adapter.e)  # on the adapter's device
         for s in range(0, len(order), chunk):
             idx = order[s:s + chunk]
             z[idx] = self.adapter(*pad_states([states[i] for i in idx]), pooled[idx])
