@@ -14,10 +14,12 @@ critic of the policy's size. Here, for one fixed policy (--model):
 Prints Pearson r and MAE against p(x) for the probe, the critic and the constant training mean; with several
 --seeds (each: other training prompts, rollouts and mini-batch order, other p(x) samples; the same held-out
 prompts), their means with a 95% Student's t interval over seeds, and the paired difference probe - critic. Each
-seed's numbers go to OUT/seed<k>.json as it finishes; a seed already there is read, not re-run (resumable).
+seed's numbers go to OUT/seed<k>.json as it finishes; a seed already there is read, not re-run (resumable),
+once its settings are checked against these.
 
-    python benchmarks/poise_vs_critic.py                                  # seed 0, 48 held-out prompts
-    python benchmarks/poise_vs_critic.py --seeds 0,1,2 --heldout 128      # issue 28's measurement
+    python benchmarks/poise_vs_critic.py                  # 3 seeds, 128 held-out prompts (docs/poise.md#results)
+    python benchmarks/poise_vs_critic.py --seeds 0        # one of them
+    python benchmarks/poise_vs_critic.py --out benchmarks/data/poise_vs_critic   # the committed results, read back
     python benchmarks/poise_vs_critic.py --model runs/poise_default/ckpt/policy
 """
 import argparse
@@ -37,29 +39,39 @@ import ppo  # noqa: E402
 from compare import t_interval  # noqa: E402  (benchmarks/compare.py: Student's t over seeds)
 
 
+SETTINGS = ("model", "train_prompts", "heldout", "oracle_k", "critic_epochs", "critic_lr", "max_new_tokens",
+            "temperature")  # what a seed's numbers depend on, bar the seed
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--train-prompts", type=int, default=128)
-    ap.add_argument("--heldout", type=int, default=48)
+    ap.add_argument("--heldout", type=int, default=128)
     ap.add_argument("--oracle-k", type=int, default=12)
     ap.add_argument("--critic-epochs", type=int, default=3)
     ap.add_argument("--critic-lr", type=float, default=1e-4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--seeds", default="0", help="comma-separated seeds")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--out", default="runs/poise_vs_critic", help="folder: seed<k>.json per seed, summary.json")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    settings = {k: getattr(a, k) for k in SETTINGS}
     for seed in [int(x) for x in a.seeds.split(",")]:
         path = out / f"seed{seed}.json"
         if not path.exists():
             res = one_seed(argparse.Namespace(**vars(a), seed=seed))
             with C.atomic_file(path) as tmp:
-                tmp.write_text(json.dumps(res, indent=1))
+                tmp.write_text(json.dumps({"settings": settings, **res}, indent=1))
         results.append(json.loads(path.read_text()))
+        changed = [f"--{k.replace('_', '-')} {v!r} (saved) -> {settings[k]!r} (now)"
+                   for k, v in results[-1]["settings"].items() if settings.get(k) != v]
+        if changed:
+            raise SystemExit(f"{path} was measured with other settings:\n  " + "\n  ".join(changed) +
+                             "\npass them as saved, or choose another --out")
     summary = summarise(results)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if len(results) > 1:  # one seed has no interval
@@ -71,8 +83,9 @@ def main(argv=None):
 
 def summarise(results: list[dict]) -> dict:
     """Each estimator's r and MAE over seeds, and the paired difference probe - critic (the paper: > 0 for r)."""
-    summary = {name: {k: t_interval([res[name][k] for res in results]) for k in ("pearson_r", "mae")}
-               for name in ("probe", "critic", "train mean")}
+    both, mae = ("pearson_r", "mae"), ("mae",)  # a constant has no correlation
+    summary = {name: {k: t_interval([res[name][k] for res in results]) for k in keys}
+               for name, keys in (("probe", both), ("critic", both), ("train mean", mae))}
     summary["probe - critic"] = {k: t_interval([res["probe"][k] - res["critic"][k] for res in results])
                                  for k in ("pearson_r", "mae")}
     return summary
@@ -122,8 +135,9 @@ def one_seed(a) -> dict:
            "heldout_p_mean": float(p_hat.mean()), "seconds": round(time.perf_counter() - t0)}
     print(f"seed {a.seed}, held-out: {len(held)} prompts, p(x) from {a.oracle_k} rollouts, mean {p_hat.mean():.3f}")
     for name, v in pred.items():
-        res[name] = {"pearson_r": poise.pearson(v, p_hat), "mae": float(np.mean(np.abs(v - p_hat)))}
-        print(f"{name:>10}: r={res[name]['pearson_r']:.3f} mae={res[name]['mae']:.3f}")
+        r = poise.pearson(v, p_hat)
+        res[name] = {"pearson_r": r if np.isfinite(r) else None, "mae": float(np.mean(np.abs(v - p_hat)))}
+        print(f"{name:>10}: r={r:.3f} mae={res[name]['mae']:.3f}")
     return res
 
 

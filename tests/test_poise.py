@@ -441,10 +441,14 @@ def test_poise_vs_critic_summarises_the_seeds_it_finds_with_t_intervals(tmp_path
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import poise_vs_critic as bench
     r = {"probe": [0.5, 0.6, 0.7], "critic": [0.7, 0.7, 0.7]}
+    settings = {"model": "smollm2-135m", "train_prompts": 128, "heldout": 128, "oracle_k": 12, "critic_epochs": 3,
+                "critic_lr": 1e-4, "max_new_tokens": 48, "temperature": 0.7}  # the defaults
     for seed in range(3):
-        res = {name: {"pearson_r": r[name][seed], "mae": 0.15} for name in r} | {"train mean": {"pearson_r": 0.0,
+        res = {name: {"pearson_r": r[name][seed], "mae": 0.15} for name in r} | {"train mean": {"pearson_r": None,
                                                                                                 "mae": 0.2}}
-        (tmp_path / f"seed{seed}.json").write_text(json.dumps(res))
+        (tmp_path / f"seed{seed}.json").write_text(json.dumps({"settings": settings, **res}))
+    with pytest.raises(SystemExit, match=r"--oracle-k 12 \(saved\) -> 4 \(now\)"):
+        bench.main(["--oracle-k", "4", "--out", str(tmp_path)])  # a seed measured otherwise is not mixed in
     summary = bench.main(["--seeds", "0,1,2", "--out", str(tmp_path)])
     m, lo, hi = summary["probe"]["pearson_r"]
     assert m == pytest.approx(0.6) and hi - m == pytest.approx(4.303 * 0.1 / np.sqrt(3), rel=1e-3) and m - lo == hi - m
