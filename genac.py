@@ -41,7 +41,7 @@ Choices that are ours, not the paper's
     value of its nearest end); several tags must hold the same integer (hedging earns nothing). Unparsable:
     the value is the ICC running mean (PAPERS.md's fallback), the reward 0, counted in critic_parse_fail.
   - The critic starts as a copy of the actor unless --critic names one. One critic sample per state is GAE's value
-    and REINFORCE's sample: baseline the step's mean R_v (the paper names none), --critic-batch answers at random.
+    and REINFORCE's sample, with the step's mean R_v as baseline (the paper names none), on --critic-batch answers.
   - The "final token" boundary is the state before the last response token, b = T-1; the state after it is
     terminal (value 0, reward r), so a critic that reads a finished answer acts as a verifier.
   - The running success rate is an EMA of each batch's accuracy (--icc-ema), carried by the critic's checkpoint
@@ -433,15 +433,14 @@ def train(args: Args):
 def run_all(args: Args):
     """No subcommand: stage 1 into OUT/sft, stage 2 into OUT/pretrain, stage 3 into OUT, each from the last's critic.
     --resume skips a stage that finished (stages 1 and 2 checkpoint once, at their end) and redoes one cut short."""
-    out, critic = Path(args.out), args.critic
-    redo = dataclasses.replace(args, resume=False, overwrite=args.overwrite or args.resume)
-    for name, stage, free in (("sft", sft, ()), ("pretrain", pretrain, ("critic",))):  # stage 2's is stage 1's critic
-        here = dict(out=str(out / name), critic=critic)  # wherever the run folder is now
+    out, critic, overwrite = Path(args.out), args.critic, args.overwrite or args.resume
+    for name, stage, free in (("sft", sft, ()), ("pretrain", pretrain, ("critic",))):
+        here = dataclasses.replace(args, out=str(out / name), critic=critic)  # stage 2's critic: stage 1's, so free
+        if not C.finished_stage(here, f"genac {name}", out / name / "ckpt" / "critic", free):
+            stage(dataclasses.replace(here, resume=False, overwrite=overwrite))
         critic = str(out / name / "ckpt" / "critic")
-        if not C.finished_stage(dataclasses.replace(args, **here), f"genac {name}", critic, free):
-            critic = str(stage(dataclasses.replace(redo, **here)))
     resume = args.resume and (out / "ckpt" / "state.pt").exists()  # cut short before stage 3's first checkpoint: redo
-    return train(dataclasses.replace(redo, critic=critic, resume=resume))
+    return train(dataclasses.replace(args, critic=critic, resume=resume, overwrite=overwrite))
 
 
 COMMANDS = {"sft": sft, "pretrain": pretrain, "train": train}
