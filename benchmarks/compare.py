@@ -293,6 +293,29 @@ def run_all(a) -> list[str]:
 # -------------------- the report -------------------------------------------------------------------
 
 
+def seed_results(out: Path, seeds: list[int], settings: dict, measure) -> list[dict]:
+    """Each seed's numbers, from OUT/seed<k>.json: measure(seed) -> dict runs only where that file is missing, and its
+    result is written atomically with the settings, so a benchmark over seeds resumes seed by seed. A file measured
+    with other settings is refused, naming them."""
+    sys.path.insert(0, str(ROOT))
+    import common as C  # here, not at the top: the comparison itself runs without torch
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in seeds:
+        path = out / f"seed{seed}.json"
+        if not path.exists():
+            res = measure(seed)
+            with C.atomic_file(path) as tmp:
+                tmp.write_text(json.dumps({"settings": settings, **res}, indent=1))
+        results.append(json.loads(path.read_text()))
+        changed = [f"--{k.replace('_', '-')} {v!r} (saved) -> {settings.get(k)!r} (now)"
+                   for k, v in results[-1]["settings"].items() if settings.get(k) != v]
+        if changed:
+            raise SystemExit(f"{path} was measured with other settings:\n  " + "\n  ".join(changed) +
+                             "\npass them as saved, or choose another --out")
+    return results
+
+
 def t_interval(x, level: float = 0.95):
     """Student's t interval of the mean over seeds: (mean, low, high); (mean, None, None) for one value."""
     x = np.asarray(x, float)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common as C  # noqa: E402
 import poise  # noqa: E402
 import ppo  # noqa: E402
-from compare import t_interval  # noqa: E402  (benchmarks/compare.py: Student's t over seeds)
+from compare import seed_results, t_interval  # noqa: E402  (benchmarks/compare.py: seed files, Student's t)
 
 
 SETTINGS = ("model", "train_prompts", "heldout", "oracle_k", "critic_epochs", "critic_lr", "max_new_tokens",
@@ -56,24 +56,12 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--out", default="runs/poise_vs_critic", help="folder: seed<k>.json per seed, summary.json")
     a = ap.parse_args(argv)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
     settings = {k: getattr(a, k) for k in SETTINGS}
-    for seed in [int(x) for x in a.seeds.split(",")]:
-        path = out / f"seed{seed}.json"
-        if not path.exists():
-            res = one_seed(argparse.Namespace(**vars(a), seed=seed))
-            with C.atomic_file(path) as tmp:
-                tmp.write_text(json.dumps({"settings": settings, **res}, indent=1))
-        results.append(json.loads(path.read_text()))
-        changed = [f"--{k.replace('_', '-')} {v!r} (saved) -> {settings[k]!r} (now)"
-                   for k, v in results[-1]["settings"].items() if settings.get(k) != v]
-        if changed:
-            raise SystemExit(f"{path} was measured with other settings:\n  " + "\n  ".join(changed) +
-                             "\npass them as saved, or choose another --out")
+    seeds = [int(x) for x in a.seeds.split(",")]
+    results = seed_results(Path(a.out), seeds, settings,
+                           lambda seed: one_seed(argparse.Namespace(**vars(a), seed=seed)))
     summary = summarise(results)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (Path(a.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     if len(results) > 1:  # one seed has no interval
         print(f"over seeds {a.seeds} (mean [95% t interval]):")
         for name, v in summary.items():

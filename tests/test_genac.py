@@ -383,3 +383,23 @@ def test_unknown_command_and_bad_flags_are_clear_errors():
     assert p.returncode != 0 and "unknown command 'fit'" in p.stderr
     p = run("train", "--segment", "0", check=False)
     assert p.returncode == 2 and "--segment must be >= 1, got 0" in p.stderr
+
+
+def test_icc_ablation_summarises_the_seeds_it_finds_with_t_intervals(tmp_path):
+    """benchmarks/genac_icc.py: the seed files already there are read, not re-run (nothing here loads a model); the
+    summary is each MSE's mean with Student's t interval (t_{0.975, 2} = 4.303) and the paired differences."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import genac_icc as bench
+    settings = {"heldout": 48, "oracle_k": 12, "critic_samples": 4, "eval_data": "arith:test", "extra": []}
+    icc, no_icc, const = [0.03, 0.04, 0.05], [0.05, 0.05, 0.05], [0.06, 0.06, 0.06]
+    for seed in range(3):
+        res = {"icc": {"mse": icc[seed]}, "no_icc": {"mse": no_icc[seed]}, "constant_mse": const[seed]}
+        (tmp_path / f"seed{seed}.json").write_text(json.dumps({"settings": settings, **res}))
+    with pytest.raises(SystemExit, match=r"--heldout 48 \(saved\) -> 32 \(now\)"):
+        bench.main(["--heldout", "32", "--out", str(tmp_path)])  # a seed measured otherwise is not mixed in
+    summary = bench.main(["--out", str(tmp_path)])
+    m, lo, hi = summary["icc"]
+    assert m == pytest.approx(0.04) and hi - m == pytest.approx(4.303 * 0.01 / 3 ** 0.5, rel=1e-3)
+    assert summary["icc - no_icc"] == pytest.approx([-0.01, lo - 0.05, hi - 0.05])
+    assert summary["icc - constant"][0] == pytest.approx(-0.02) and summary["constant"] == pytest.approx([0.06] * 3)
+    assert json.loads((tmp_path / "summary.json").read_text())["no_icc"][0] == pytest.approx(0.05)
