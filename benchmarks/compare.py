@@ -293,18 +293,19 @@ def run_all(a) -> list[str]:
 # -------------------- the report -------------------------------------------------------------------
 
 
-def seed_results(out: Path, seeds: list[int], settings: dict, measure) -> list[dict]:
-    """Each seed's numbers, from OUT/seed<k>.json: measure(seed) -> dict runs only where that file is missing, and its
-    result is written atomically with the settings, so a benchmark over seeds resumes seed by seed. A file measured
-    with other settings is refused, naming them."""
+def seed_results(a: argparse.Namespace, keys: tuple, measure) -> list[dict]:
+    """Each seed of a.seeds ("0,1,2"), from a.out/seed<k>.json: measure(a with .seed) -> dict runs only where that
+    file is missing, and its result is written atomically with the settings (a's values of `keys`), so a benchmark
+    over seeds resumes seed by seed. A file measured with other settings is refused, naming them."""
     sys.path.insert(0, str(ROOT))
     import common as C  # here, not at the top: the comparison itself runs without torch
+    out, settings = Path(a.out), {k: getattr(a, k) for k in keys}
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for seed in seeds:
+    for seed in [int(x) for x in a.seeds.split(",")]:
         path = out / f"seed{seed}.json"
         if not path.exists():
-            res = measure(seed)
+            res = measure(argparse.Namespace(**vars(a), seed=seed))
             with C.atomic_file(path) as tmp:
                 tmp.write_text(json.dumps({"settings": settings, **res}, indent=1))
         results.append(json.loads(path.read_text()))

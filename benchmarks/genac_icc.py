@@ -70,10 +70,7 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/genac_icc", help="folder: seed<k>.json per seed, summary.json")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to both genac.py stages")
     a = ap.parse_args(argv)
-    settings = {k: getattr(a, k) for k in SETTINGS}
-    seeds = [int(x) for x in a.seeds.split(",")]
-    results = seed_results(Path(a.out), seeds, settings,
-                           lambda seed: one_seed(argparse.Namespace(**vars(a), seed=seed)))
+    results = seed_results(a, SETTINGS, one_seed)
     summary = summarise(results)
     (Path(a.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     if len(results) > 1:  # one seed has no interval
