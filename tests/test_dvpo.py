@@ -3,8 +3,6 @@ controller, the presets, the data readers, train() with its GVM frozen, and both
 exact resume."""
 import hashlib
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from safetensors.torch import load_file
 import common as C
 import dvpo
 import ppo
-from conftest import ROOT, rolled_back
+from conftest import ROOT, run_script, rolled_back
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")
 STAGE1 = ["--data", EASY, "--max-new-tokens", "12", "--collect-problems", "6", "--collect-n", "2", "--gvm-batch", "4",
@@ -256,10 +254,7 @@ def test_split_by_prompt_keeps_a_prompt_on_one_side():
 
 
 def run(*argv, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / "dvpo.py"), *argv], capture_output=True, text=True, cwd=ROOT)
-    if check and p.returncode != 0:
-        raise AssertionError(p.stderr[-3000:])
-    return p
+    return run_script("dvpo.py", *argv, check=check)
 
 
 def rows(path):

@@ -5,7 +5,6 @@ resume."""
 import copy
 import dataclasses
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 import common as C
 import genac
-from conftest import ROOT, rolled_back
+from conftest import ROOT, run_script, rolled_back
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")
 TINY = ["--data", EASY, "--max-new-tokens", "12", "--segment", "6", "--critic-max-tokens", "12", "--prompts-per-step",
@@ -278,10 +277,7 @@ def test_critic_update_raises_the_better_answer(tiny_lm):
 
 
 def run(*argv, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / "genac.py"), *argv], capture_output=True, text=True, cwd=ROOT)
-    if check and p.returncode != 0:
-        raise AssertionError(p.stderr[-3000:])
-    return p
+    return run_script("genac.py", *argv, check=check)
 
 
 def rows(path):

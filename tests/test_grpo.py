@@ -1,7 +1,6 @@
 """grpo.py as a user runs it: metrics, --help, determinism, --resume, bad input, NaN safety."""
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ from safetensors.torch import load_file
 
 import common as C
 import grpo
-from conftest import ROOT, rolled_back
+from conftest import ROOT, rolled_back, run_script
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")  # "What is 3 + 1?": every group has reward spread
 TINY = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "16",
@@ -19,14 +18,11 @@ TINY = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--max-n
 DESIGN_METRICS = {"reward", "acc", "adv_std", "frac_reward_zero_std", "rollouts", "tokens", "grad_norm", "entropy",
                   "clip_frac", "kl", "baseline_mse", "time_gen", "time_train", "time_step", "peak_mem_gb"}
 VOLATILE = {"time_gen", "time_train", "time_step", "peak_mem_gb"}
+CKPT_EVERY_STEP = ["--oracle-k", "2", "--save-every", "1", "--keep-checkpoints", "2"]  # the fixture's: resumable at 1
 
 
-def run(*args, check=True, env=None):
-    p = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                       env=None if env is None else {**os.environ, **env})
-    if check and p.returncode != 0:
-        raise AssertionError(p.stderr[-3000:])
-    return p
+def run(*argv, check=True, env=None):
+    return run_script("grpo.py", *argv, check=check, env=env)
 
 
 def rows(out):
@@ -40,7 +36,7 @@ def weights(out):
 @pytest.fixture(scope="module")
 def two_step_run(module_dir):
     out = module_dir("grpo2")
-    run(*TINY, "--oracle-k", "2", "--out", str(out))
+    run(*TINY, *CKPT_EVERY_STEP, "--out", str(out))
     return out
 
 
@@ -75,28 +71,19 @@ def test_help_documents_every_flag():
 
 
 @pytest.mark.slow
-def test_same_seed_same_numbers(two_step_run, tmp_path):
-    run(*TINY, "--oracle-k", "2", "--out", str(tmp_path))
-    strip = lambda rs: [{k: v for k, v in x.items() if k not in VOLATILE} for x in rs]  # noqa: E731
-    assert strip(rows(tmp_path)) == strip(rows(two_step_run))
-
-
-@pytest.mark.slow
-def test_resume_continues_exactly(tmp_path):
-    """4 steps in one go, checkpointing at 2 and 4; the folder as a crash right after step 2 leaves it, resumed to 4,
-    gives the same metrics and the same weights: weights, optimizer moments, data cursor and RNG all come back.
-    (Before the shared-prompt backward summed in a fixed order, steps 3-4 drifted by ~1e-6 in grad_norm here.)"""
-    full = tmp_path / "full"
-    run(*TINY[2:], "--steps", "4", "--save-every", "2", "--keep-checkpoints", "2", "--out", str(full))
-    split = rolled_back(full, 2, tmp_path / "split")
+def test_resume_continues_exactly(two_step_run, tmp_path):
+    """The 2-step run as a crash right after its step-1 checkpoint leaves it, resumed to 2: the same metrics and the
+    same weights as in one go (weights, optimizer moments, data cursor and RNG all come back). A fresh run with the
+    same seed giving the same numbers: tests/test_runs.py, where the killed run matches the uninterrupted one."""
+    split = rolled_back(two_step_run, 1, tmp_path / "split")
     state = C.read_state(split / "ckpt" / "state.pt")
-    assert state["step"] == 2 and state["optimizers"]["policy"]["state"], "optimizer moments must be saved"
-    run(*TINY[2:], "--steps", "4", "--resume", "--out", str(split))
-    a, b = rows(full), rows(split)
-    assert [x["step"] for x in b] == [0, 1, 2, 3, 4]
+    assert state["step"] == 1 and state["optimizers"]["policy"]["state"], "optimizer moments must be saved"
+    run(*TINY, *CKPT_EVERY_STEP, "--resume", "--out", str(split))
+    a, b = rows(two_step_run), rows(split)
+    assert [x["step"] for x in b] == [0, 1, 2]
     keys = lambda x: {k: v for k, v in x.items() if k not in VOLATILE}  # noqa: E731
     assert [keys(x) for x in a] == [keys(x) for x in b]
-    wa, wb = weights(full), weights(split)
+    wa, wb = weights(two_step_run), weights(split)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -215,8 +202,8 @@ def test_micro_batches_and_skipped_rows_do_not_change_the_gradient(tiny_lm, monk
 def test_variants_and_options_run(variant, extra, tmp_path):
     """The paths the default run does not take: DAPO's dynamic sampling and overlong shaping, the KL
     reference model, several epochs and mini-batches (frozen logp_old), Dr.GRPO's aggregation."""
-    run(*TINY, "--variant", variant, *extra, "--out", str(tmp_path))
-    r = rows(tmp_path)[1:]
+    run(*TINY, "--variant", variant, *extra, "--eval-problems", "0", "--out", str(tmp_path))
+    r = [x for x in rows(tmp_path) if x["step"] >= 1]
     assert len(r) == 2 and all(x["nan_skips"] == 0 for x in r)
     if variant == "dapo":
         for x in r:  # dynamic sampling: only informative groups are kept, every sampled rollout is counted

@@ -3,7 +3,6 @@ the rollout's own features, unbiasedness and the sibling target's lower variance
 layer the probe reads, the release's spans, the presets, bad flags, and the script end to end."""
 import dataclasses
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 import common as C
 import poise
-from conftest import ROOT, TinyTok, rolled_back
+from conftest import ROOT, run_script, TinyTok, rolled_back
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")
 TINY = ["--steps", "3", "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "12", "--data", EASY,
@@ -371,10 +370,7 @@ def test_bad_flags_are_refused_naming_the_flag(flags, message):
 
 
 def run(*argv, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / "poise.py"), *argv], capture_output=True, text=True, cwd=ROOT)
-    if check and p.returncode != 0:
-        raise AssertionError(p.stderr[-3000:])
-    return p
+    return run_script("poise.py", *argv, check=check)
 
 
 def rows(out):

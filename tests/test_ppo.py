@@ -1,7 +1,5 @@
 """ppo.py: token rewards, GAE, the clipped value loss, the critic, and the script end to end."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -9,7 +7,7 @@ from safetensors.torch import load_file
 
 import common as C
 import ppo
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 
 def test_gae_hand_computed_with_padding():
@@ -164,11 +162,9 @@ def test_fit_critic_moves_v_s0_towards_the_success_rate(tiny_lm):
 @pytest.mark.slow
 def test_ppo_end_to_end(tmp_path):
     out = tmp_path / "ppo"
-    cmd = [sys.executable, str(ROOT / "ppo.py"), "--steps", "2", "--prompts-per-step", "4", "--max-new-tokens", "16",
-           "--data", str(ROOT / "tests" / "data" / "easy_add.jsonl"), "--eval-problems", "2", "--oracle-k", "2",
-           "--seed", "1", "--out", str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_script("ppo.py", "--steps", "2", "--prompts-per-step", "4", "--max-new-tokens", "16", "--data",
+               str(ROOT / "tests" / "data" / "easy_add.jsonl"), "--eval-problems", "2", "--oracle-k", "2", "--seed", "1",
+               "--out", str(out))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:

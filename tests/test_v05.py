@@ -2,7 +2,6 @@
 bias of the fused baseline, the Bernoulli-world claims, and the script end to end."""
 import functools
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -12,7 +11,7 @@ from safetensors.torch import load_file
 from scipy import stats
 
 import v05
-from conftest import ROOT, rolled_back
+from conftest import ROOT, run_script, rolled_back
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import v05_prior_replay  # noqa: E402
@@ -342,11 +341,8 @@ def test_adaptive_budget_spends_little_when_the_prior_is_good():
 # ---------------------------------------------------------------- the script
 
 
-def run(*args, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / "v05.py"), *args], capture_output=True, text=True, cwd=ROOT)
-    if check and p.returncode != 0:
-        raise AssertionError(p.stderr[-3000:])
-    return p
+def run(*argv, check=True):
+    return run_script("v05.py", *argv, check=check)
 
 
 def rows(out):
