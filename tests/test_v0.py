@@ -3,7 +3,6 @@
 budget)."""
 import json
 import math
-import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 import grpo
 import v0
 import v05
-from conftest import ROOT, SHARED
+from conftest import ROOT, run_script, SHARED
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import v0_eval  # noqa: E402
@@ -24,11 +23,8 @@ V0_DATA = SHARED / "data" / "v0"
 
 
 def run(script, *args, check=True):
-    """python SCRIPT ARGS from the repository root (SCRIPT: v0.py or benchmarks/v0_*.py)."""
-    p = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT)
-    if check and p.returncode != 0:
-        raise AssertionError(p.stdout[-2000:] + p.stderr[-3000:])
-    return p
+    """python SCRIPT ARGS from the repository root (SCRIPT: v0.py or benchmarks/v0_*.py), in this process."""
+    return run_script(script, *args, check=check)
 
 
 # ------------------------------------------------------------------------------------------------ model
