@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 
+PROJECT = Path(__file__).resolve().parents[1]  # the repository's folder, where data/ is
+
 # -------------------- Problems -------------------------------------------------------------------
 
 
@@ -127,8 +129,8 @@ def load_problems(spec: str, limit: int | None = None) -> list[Problem]:
     hub dataset id 'org/name[:config][:split]'. limit 0: none (nothing is read)."""
     if limit == 0:
         return []
-    if not Path(spec).exists() and (Path(__file__).parent / spec).exists():
-        spec = str(Path(__file__).parent / spec)
+    if not Path(spec).exists() and (PROJECT / spec).exists():
+        spec = str(PROJECT / spec)
     if spec.split(":")[0] == "arith":
         problems = arith_problems(spec.split(":")[1] if ":" in spec else "train")
     elif spec.endswith(".parquet"):  # verl's training files

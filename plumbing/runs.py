@@ -111,7 +111,7 @@ def _settings_of(out: Path) -> dict:
 def git_commit() -> str | None:
     """The project's git commit (with '+' when the tree has changes), or None outside a git checkout."""
     import subprocess
-    root = Path(__file__).parent
+    root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,

@@ -43,6 +43,14 @@ def test_shared_gold_answers_verify_against_themselves():
     assert sum(rewards) / len(rewards) > 0.95
 
 
+def test_a_relative_path_also_reads_from_the_project_folder(tmp_path, monkeypatch):
+    """The paper preset's --eval-data data/eval/math500.jsonl, given from another working folder (a notebook, a
+    benchmark run elsewhere), is found in the repository's data/; the run's git commit is found from there too."""
+    monkeypatch.chdir(tmp_path)
+    assert len(C.load_problems("data/eval/math500.jsonl", limit=2)) == 2
+    assert C.git_commit() is None or len(C.git_commit().rstrip("+")) == 40
+
+
 def test_malformed_line_names_file_and_line(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n\n" + '{"question": "2+2?", "answer": \n')
