@@ -18,8 +18,6 @@ def pick_device(device: str = "auto", dtype: str = "auto"):
     return dev, dt
 
 
-# -------------------- Models ---------------------------------------------------------------------
-
 EMBEDDED = "smollm2-135m"
 MODEL_ALIASES = {  # short names -> hub ids (used only when online, or when already in the HF cache)
     "Qwen3-4B": "Qwen/Qwen3-4B-Instruct-2507", "Qwen3-1.7B": "Qwen/Qwen3-1.7B", "Qwen3-0.6B": "Qwen/Qwen3-0.6B",
