@@ -40,16 +40,17 @@ from tqdm.auto import tqdm
 
 # The subsystems live beside this file in plumbing/ and are re-exported, so C.load_model, C.load_problems,
 # C.HFSampler, C.start_run and the rest name them here as before. noqa: names for the method files, not this one.
-from plumbing.models import (EMBEDDED, MODEL_ALIASES, cache_dir, embedded_model_folder, eos_ids,  # noqa: F401
-                             load_model, pick_device, resolve_model)
+from plumbing.models import (EMBEDDED, MODEL_ALIASES, TextEncoder, cache_dir, embedded_model_folder,  # noqa: F401
+                             eos_ids, load_model, minilm_folder, pick_device, resolve_model)
 from plumbing.data import (ARITH_LEVELS, SPLITS, Problem, ProblemStream, _mv_parse, arith_problems,  # noqa: F401
-                           hub_problems, hub_spec, load_problems, normalize_row, parse_gold, read_jsonl,
+                           hub_problems, hub_spec, load_problems, normalize_row, parse_gold, read_json, read_jsonl,
                            shuffled_batch, with_gold)
 from plumbing.sampling import (HFSampler, Rollout, VLLMSampler, _prompt_ids, activation_bytes,  # noqa: F401
                                format_plan, gpu_bf16, kv_bytes_per_token, make_sampler, memory_plan, n_params,
                                opens_think)
 from plumbing.runs import (METRICS, OPERATIONAL, RunLogger, Timer, atomic_file, finished_stage, flag,  # noqa: F401
-                           git_commit, keep_steps, load_checkpoint, read_state, save_checkpoint, start_run, tracker)
+                           git_commit, keep_steps, load_checkpoint, read_state, save_checkpoint, start_run, tracker,
+                           write_jsonl)
 
 # -------------------- CLI ------------------------------------------------------------------------
 
@@ -206,14 +207,15 @@ def check_ranges(args, **bounds):
 
 
 def run_command(commands: dict, default, cls, argv=None):
-    """`python script.py [command] [flags]`: the named command (commands: name -> fn(args)), or `default` with no
-    command, called with cls's flags parsed from the rest of argv."""
+    """`python script.py [command] [flags]`: the named command (commands: name -> fn(args), or (fn, its own flags'
+    class)), or `default` with no command, called with the flags parsed from the rest of argv (cls by default)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     name = argv[0] if argv and not argv[0].startswith("-") else None
     if name is not None and name not in commands:
         script = Path(sys.argv[0]).name
         raise SystemExit(f"python {script} [{'|'.join(commands)}] [flags]: unknown command {name!r}")
     fn = commands.get(name, default)
+    fn, cls = fn if isinstance(fn, tuple) else (fn, cls)
     return fn(parse_args(cls, argv[1:] if name else argv))
 
 

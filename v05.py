@@ -245,10 +245,7 @@ def v0_checkpoint(args: Args) -> str:
     if args.v0 == "auto":
         arith = {r["model"].split("@")[0] for r in V0.read_rows(V0.v0_folder(V0_DEFAULT) / "context.jsonl")}
         return V0_DEFAULT if args.model in arith else V0_GENERALIST
-    folder = V0.v0_folder(args.v0)
-    if not (folder / "config.json").exists() or not (folder / "v0.safetensors").exists():
-        raise SystemExit(f"--v0 {args.v0}: not a V0 checkpoint (needs config.json and v0.safetensors; make one with "
-                         "`python v0.py`), or pass --v0 auto")
+    V0.v0_folder(args.v0, "--v0")  # a folder that holds no checkpoint fails here, naming the flag
     return args.v0
 
 

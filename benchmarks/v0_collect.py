@@ -95,7 +95,7 @@ def main(args: CollectArgs):
             print(f"{rows[-1]['model']} step {rows[-1]['step']}: mean success {np.mean(ys):.3f}, "
                   f"{np.mean([0 < y < 1 for y in ys]):.2f} of prompts with spread ({time.perf_counter() - t0:.0f} s)")
     write_prompts(Path(args.out).parent, {f"{dataset}_{i}": p.question for i, p in zip(ids, problems)})
-    V0.write_jsonl(args.out, rows)
+    C.write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} rows to {args.out} and prompts to {Path(args.out).parent / 'prompt_dict.json'}")
     return rows
 

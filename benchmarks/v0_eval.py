@@ -1,8 +1,8 @@
 """V0 against two baselines on query rows it was not trained on: within-task ROC-AUC (label: success rate >= 0.5)
 and MSE of V0's p(x), of the context's mean success rate, and of k nearest neighbours in the backbone's embedding.
 
-    python v0.py --holdout 0.2 --out runs/v0      # writes runs/v0/heldout/{context,queries}.jsonl
-    python benchmarks/v0_eval.py --ckpt runs/v0
+    python benchmarks/v0_eval.py train --holdout 0.2 --out runs/v0   # v0.py's training, 20% of prompt ids held out
+    python benchmarks/v0_eval.py --ckpt runs/v0                        # reads runs/v0/heldout/{context,queries}.jsonl
 
 Each task (dataset, model, step) is predicted from its own context rows; a query never sees its own label.
 
@@ -59,9 +59,36 @@ class EvalArgs:
     context: str = arg("", "context rows, the policies' histories (default: CKPT/heldout/context.jsonl, "
                        "else ../shared/data/v0/context.jsonl)")
     queries: str = arg("", "query rows V0 was not trained on (default: CKPT/heldout/queries.jsonl, written by "
-                       "`python v0.py --holdout`)")
+                       "`python benchmarks/v0_eval.py train --holdout`)")
     max_context: int = arg(0, "use at most this many context rows per task (0: all)")
     seed: int = arg(0, "seed (subsampling of the context)")
+
+
+@dataclass
+class HoldoutTrainArgs(V0.TrainV0Args):
+    """Train V0 as v0.py does, on all but a share of the prompt ids (with all their rows, in every task)."""
+    holdout: float = arg(0.2, "share of prompt ids never trained on, written to OUT/heldout/{context,queries}.jsonl")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"--holdout must be in (0, 1), got {self.holdout}")
+
+
+def train_with_holdout(args: HoldoutTrainArgs) -> Path:
+    """Hold out prompt ids, write them as queries (the context rows where the rows are typed) beside the kept rows'
+    context, then train V0 on the kept rows (V0.fit)."""
+    prompts, rows = V0.load_folder(args.data)
+    rows, held = V0.split_holdout(rows, args.holdout, args.seed)
+    held_q = [r for r in held if r.get("type") == "context"] or held
+    out = Path(args.out) / "heldout"
+    C.write_jsonl(out / "queries.jsonl", held_q)
+    C.write_jsonl(out / "context.jsonl", [r for r in rows if r.get("type") == "context"] or rows)
+    print(f"held out {len({V0.prompt_key(r) for r in held})} prompts ({len(held_q)} query rows) -> {out}")
+    V0.fit(args, prompts, rows)
+    print(f"evaluate with: python benchmarks/v0_eval.py --ckpt {args.out} --prompts "
+          f"{Path(args.data) / 'prompt_dict.json'}")
+    return Path(args.out)
 
 
 def evaluate_v0(model, backbone, prompts, ctx_rows, q_rows, max_context=0, seed=0, out=print) -> dict:
@@ -114,7 +141,7 @@ def main(args: EvalArgs):
     queries = args.queries or (held / "queries.jsonl" if (held / "queries.jsonl").exists() else None)
     if queries is None:
         raise SystemExit(f"--queries: give the rows to predict (none held out in {held}; train with "
-                         "`python v0.py --holdout 0.2` to make some)")
+                         "`python benchmarks/v0_eval.py train --holdout 0.2` to make some)")
     context = args.context or (held / "context.jsonl" if (held / "context.jsonl").exists()
                                else Path(args.prompts).parent / "context.jsonl")
     prompts = V0.read_prompts(args.prompts)
@@ -125,4 +152,4 @@ def main(args: EvalArgs):
 
 
 if __name__ == "__main__":
-    main(C.parse_args(EvalArgs))
+    C.run_command({"train": (train_with_holdout, HoldoutTrainArgs)}, main, EvalArgs)  # `v0_eval.py [train] [flags]`

@@ -124,6 +124,17 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
     return out
 
 
+def read_json(path):
+    """The JSON value in a file; a missing file or bad JSON fails naming the file (and line)."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"{path}: file does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
 def load_problems(spec: str, limit: int | None = None) -> list[Problem]:
     """'arith' / 'arith:test', a .jsonl path (a relative one also from the project's folder, where data/ is), or a
     hub dataset id 'org/name[:config][:split]'. limit 0: none (nothing is read)."""

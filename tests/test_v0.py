@@ -331,9 +331,12 @@ SMALL_MODEL = ["--K", "8", "--e", "6", "--head-dim", "16", "--head-layers", "1",
 @pytest.mark.slow
 def test_train_then_eval_prints_the_summary_line(small_folder, tmp_path):
     out = tmp_path / "ckpt"
-    run("v0.py", "--data", str(small_folder), "--out", str(out), "--epochs", "2", "--holdout", "0.25", *SMALL_MODEL)
+    run("benchmarks/v0_eval.py", "train", "--data", str(small_folder), "--out", str(out), "--epochs", "2",
+        "--holdout", "0.25", *SMALL_MODEL)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["K"] == 8 and cfg["temperature"] > 0
+    kept, _ = v0.split_holdout(v0.load_folder(small_folder)[1], 0.25, seed=0)  # trained on the kept rows only,
+    assert cfg["rows"] == len(v0.split_holdout(kept, 0.1, seed=1)[0]) < len(kept)  # less the --val share
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
     p = run("benchmarks/v0_eval.py", "--ckpt", str(out), "--prompts", str(small_folder / "prompt_dict.json"),
             "--context", str(out / "heldout" / "context.jsonl"), "--queries", str(out / "heldout" / "queries.jsonl"))
@@ -382,7 +385,8 @@ def test_initial_history_is_the_last_rows_of_the_checkpoints_context(tmp_path):
     (v0_grpo.GrpoArgs, {"history": 0}, "--history"),
     (v0_grpo.GrpoArgs, {"prompts_per_step": 1, "group_size": 2}, "--min-group"),
     (v0.TrainV0Args, {"e": 7}, "--e"), (v0.TrainV0Args, {"min_context": 300}, "--max-context"),
-    (v0.TrainV0Args, {"val": 1.0}, "--val"),
+    (v0.TrainV0Args, {"val": 1.0}, "--val"), (v0_eval.HoldoutTrainArgs, {"holdout": 0.0}, "--holdout"),
+    (v0_eval.HoldoutTrainArgs, {"e": 7}, "--e"),  # v0.py's own checks run too
 ])
 def test_flags_that_make_no_sense_are_rejected(cls, kw, flag):
     with pytest.raises(ValueError, match=flag):
@@ -395,6 +399,13 @@ def test_flags_that_make_no_sense_are_rejected(cls, kw, flag):
                                     "benchmarks/v0_route.py"])
 def test_every_v0_program_prints_its_help(script):
     assert "usage:" in run(script, "--help").stdout  # argparse formats every help string (a bare % would fail)
+
+
+@pytest.mark.slow
+def test_the_holdout_training_command_has_its_own_flags():
+    assert "--holdout" in run("benchmarks/v0_eval.py", "train", "--help").stdout
+    p = run("benchmarks/v0_eval.py", "--holdout", "0.2", check=False)  # evaluation has no such flag
+    assert p.returncode != 0 and "--holdout" in p.stderr
 
 
 @pytest.mark.slow
