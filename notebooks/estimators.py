@@ -20,8 +20,8 @@ import v05  # noqa: E402
 
 
 def group_mean(r: np.ndarray) -> np.ndarray:
-    """GRPO: every rollout of the group gets the group's mean (its own reward included). r [N, G] -> [N, G]"""
-    return np.repeat(r.mean(1, keepdims=True), r.shape[1], 1)
+    """GRPO: every rollout of the group gets the group's mean (its own reward included). r [..., N, G] -> [..., N, G]"""
+    return np.repeat(r.mean(-1, keepdims=True), r.shape[-1], -1)
 
 
 def leave_one_out(r: np.ndarray) -> np.ndarray:
@@ -68,5 +68,5 @@ def mse_against_oracle(b: np.ndarray, p_hat: np.ndarray, oracle_k: int) -> tuple
 
 def pg_estimate(adv: np.ndarray, grads: np.ndarray) -> np.ndarray:
     """The policy-gradient estimate of a batch: mean over prompts of mean_i A_i grad_i (sequence-level; ours).
-    adv [N, n], grads [N, n, d] (grad_i = d/dtheta sum_t log pi(y_t) of rollout i) -> [d]"""
-    return np.einsum("xi,xid->d", adv, grads) / adv.size
+    adv [..., N, n], grads [..., N, n, d] (grad_i = d/dtheta sum_t log pi(y_t) of rollout i) -> [..., d]"""
+    return np.einsum("...xi,...xid->...d", adv, grads) / (adv.shape[-2] * adv.shape[-1])
