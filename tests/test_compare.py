@@ -2,14 +2,13 @@
 start again), the statistics over seeds and the table, on hand-written metrics.jsonl files; and (slow) the whole
 pipeline on the tiny budget for all seven methods."""
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import compare  # noqa: E402
@@ -190,20 +189,18 @@ def test_report_aggregates_seeds_into_the_table_and_figure(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_comparison_runs_all_seven_then_skips_them_and_reports(tmp_path):
+    """compare.py itself in this process (run_script); each method's run is its own subprocess, as for a user."""
     out = tmp_path / "cmp"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--tiny", "--out", str(out), "--seeds", "0"]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
+    cmd = ["benchmarks/compare.py", "--tiny", "--out", str(out), "--seeds", "0"]
+    run_script(*cmd)
     for m in compare.ORDER:
         run = out / m / "seed0"
         rows = compare.read_rows(run / "metrics.jsonl")
         assert rows[-1]["step"] == 2 and rows[-1]["eval_acc"] is not None, m
         assert not list(run.rglob("ckpt*")), m  # pruned once finished
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    again = run_script(*cmd)
     assert again.stdout.count(": skip (finished (step 2))") == 7 and "running" not in again.stdout
-    rep = subprocess.run([*cmd, "--report"], capture_output=True, text=True, timeout=600)
-    assert rep.returncode == 0, rep.stderr[-3000:]
+    run_script(*cmd, "--report")
     rows = [l for l in (out / "compare.md").read_text().splitlines() if l.startswith("| [")]
     assert len(rows) == 7 and not any("not run" in r or "not finished" in r for r in rows)
     assert all("(n=1)" in r for r in rows) and (out / "compare.png").exists()

@@ -1,8 +1,6 @@
 """grpo.py as a user runs it: metrics, --help, determinism, --resume, bad input, NaN safety."""
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -106,10 +104,8 @@ def test_one_pass_forward_trains_on_the_shared_prompt_numbers(two_step_run, tmp_
 def test_bench_times_fixed_length_steps():
     """benchmarks/grpo_step.py: every completion is exactly --max-new-tokens long and every row trains (TRL's
     work), no eval, and the last line is the summary other tools parse."""
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grpo_step.py"), "--steps", "2",
-                        "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6", "--data", EASY],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_script("benchmarks/grpo_step.py", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
+                   "--max-new-tokens", "6", "--data", EASY)
     last = p.stdout.strip().splitlines()[-1]
     assert last.startswith("bench median_s_per_step=")
     fields = dict(kv.split("=") for kv in last.split()[1:])
