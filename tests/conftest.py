@@ -76,6 +76,25 @@ def rolled_back(run: Path, step: int, dest: Path) -> Path:
     return dest
 
 
+def project_names() -> dict:
+    """Every name bound in the project's imported modules (common, plumbing, the methods, benchmarks), by module."""
+    def ours(m) -> bool:
+        path = Path(getattr(m, "__file__", None) or "/").resolve()
+        return (path.is_file() and ROOT in path.parents
+                and path.relative_to(ROOT).parts[0] not in ("tests", ".venv"))
+    return {k: dict(vars(m)) for k, m in list(sys.modules.items()) if k != "__main__" and ours(m)}
+
+
+def restore_names(before: dict):
+    """Undo what a script run in this process rebound in a project module (a benchmark that replaces
+    C.save_checkpoint for its run would otherwise leave it replaced for every later test)."""
+    for k, names in before.items():
+        module = vars(sys.modules[k])
+        for name, value in names.items():
+            if module.get(name) is not value:
+                module[name] = value
+
+
 def run_script(script: str, *argv: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGV` from the repository root, as a user runs it (the file executes as __main__, its flags go
     through sys.argv), but in this process: no interpreter start-up and no second import of torch and transformers,
@@ -88,7 +107,7 @@ def run_script(script: str, *argv: str, check: bool = True, env: dict | None = N
                            env={**os.environ, **env})
     else:
         out, err, code = io.StringIO(), io.StringIO(), 0
-        argv_before, cwd_before = sys.argv, os.getcwd()
+        argv_before, cwd_before, names_before = sys.argv, os.getcwd(), project_names()
         sys.argv = [str(path), *argv]
         os.chdir(ROOT)
         try:
@@ -104,6 +123,7 @@ def run_script(script: str, *argv: str, check: bool = True, env: dict | None = N
         finally:
             sys.argv = argv_before
             os.chdir(cwd_before)
+            restore_names(names_before)
         p = subprocess.CompletedProcess([str(path), *argv], code, out.getvalue(), err.getvalue())
     if check and p.returncode != 0:
         raise AssertionError(p.stdout[-2000:] + p.stderr[-3000:])

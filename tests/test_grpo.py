@@ -104,8 +104,9 @@ def test_one_pass_forward_trains_on_the_shared_prompt_numbers(two_step_run, tmp_
 def test_bench_times_fixed_length_steps():
     """benchmarks/grpo_step.py: every completion is exactly --max-new-tokens long and every row trains (TRL's
     work), no eval, and the last line is the summary other tools parse."""
+    # its own process: the benchmark replaces common's sampler, row skipping and checkpoints for its run
     p = run_script("benchmarks/grpo_step.py", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
-                   "--max-new-tokens", "6", "--data", EASY)
+                   "--max-new-tokens", "6", "--data", EASY, env={})
     last = p.stdout.strip().splitlines()[-1]
     assert last.startswith("bench median_s_per_step=")
     fields = dict(kv.split("=") for kv in last.split()[1:])
