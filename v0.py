@@ -71,7 +71,8 @@ def read_rows(path, prompts: dict | None = None) -> list[dict]:
 
 
 def read_prompts(path) -> dict:
-    if not isinstance(prompts := C.read_json(path), dict) or not all(isinstance(v, str) for v in prompts.values()):
+    prompts = C.read_json(path)
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
         raise ValueError(f"{path}: expected {{'<dataset>_<id>': prompt text}}")
     return prompts
 

@@ -76,8 +76,8 @@ class HoldoutTrainArgs(V0.TrainV0Args):
 
 
 def train_with_holdout(args: HoldoutTrainArgs) -> Path:
-    """Hold out prompt ids, write them as queries (the context rows where the rows are typed) beside the kept rows'
-    context, then train V0 on the kept rows (V0.fit)."""
+    """Hold out prompt ids, write their rows as the queries and the kept rows as the context (only the rows typed
+    'context' where the file types them, as the authors' context.jsonl does), then train V0 on the kept rows."""
     prompts, rows = V0.load_folder(args.data)
     rows, held = V0.split_holdout(rows, args.holdout, args.seed)
     held_q = [r for r in held if r.get("type") == "context"] or held

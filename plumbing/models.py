@@ -141,7 +141,7 @@ class TextEncoder:
             self.layer, self.pool = (self.model.config.num_hidden_layers // 2 if layer < 0 else layer), "last"
         self.dim = self.model.config.hidden_size
         self.slug = "".join(c if c.isalnum() else "-" for c in f"{name}-L{self.layer}-{max_tokens}")
-        self.cache = {}
+        self.cache, self.cache_path = {}, None  # text hash -> H; the file that keeps them (use_disk_cache)
 
     def use_disk_cache(self, prompt_file):
         """Keep the token states of a prompt file on disk (a file per backbone and prompt file), extended by encode."""
@@ -163,7 +163,7 @@ class TextEncoder:
             out = self.model(**enc, output_hidden_states=self.layer is not None)
             H = out.hidden_states[self.layer] if self.layer is not None else out.last_hidden_state  # [1, T, d]
             self.cache[k] = H[0].to("cpu", torch.float16).clone()
-        if todo and getattr(self, "cache_path", None):
+        if todo and self.cache_path is not None:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(self.cache_path) as tmp:
                 torch.save(self.cache, tmp)

@@ -96,7 +96,7 @@ def test_a_script_run_in_this_process_leaves_common_as_it_was(tmp_path):
     """run_script runs a script in the test process; one that rebinds a name of common for its own run (as
     benchmarks/grpo_step.py does) must not leave it rebound for the tests after it."""
     script = tmp_path / "patches.py"
-    script.write_text("import common as C\nC.save_checkpoint = None\nC.NEW_NAME = 1\nprint(C.save_checkpoint)\n")
+    script.write_text("import common as C\nC.save_checkpoint = None\nprint(C.save_checkpoint)\n")
     real = C.save_checkpoint
     assert run_script(str(script)).stdout == "None\n"
     assert C.save_checkpoint is real
