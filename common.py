@@ -44,7 +44,7 @@ from plumbing.models import (EMBEDDED, MODEL_ALIASES, TextEncoder, cache_dir, em
                              eos_ids, load_model, minilm_folder, pick_device, resolve_model)
 from plumbing.data import (ARITH_LEVELS, SPLITS, Problem, ProblemStream, _mv_parse, arith_problems,  # noqa: F401
                            hub_problems, hub_spec, load_problems, normalize_row, parse_gold, read_json, read_jsonl,
-                           shuffled_batch, with_gold)
+                           shuffled_batch, split_by_key, with_gold)
 from plumbing.sampling import (HFSampler, Rollout, VLLMSampler, _prompt_ids, activation_bytes,  # noqa: F401
                                format_plan, gpu_bf16, kv_bytes_per_token, make_sampler, memory_plan, n_params,
                                opens_think)

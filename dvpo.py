@@ -220,15 +220,6 @@ def to_sequence(row: dict, tok, eos: int) -> C.Rollout:
     return C.Rollout(0, prompt_ids, list(ids), row["response"], [0.0] * len(ids), row.get("finish", "stop"))
 
 
-def split_by_prompt(rows: list[dict], share: float, seed: int) -> tuple[list[int], list[int]]:
-    """Row indices (train, held-out), holding out a share of the distinct prompts with all their rows."""
-    prompts = sorted({r["prompt"] for r in rows})
-    random.Random(seed).shuffle(prompts)
-    held = set(prompts[:round(share * len(prompts))])
-    train = [i for i, r in enumerate(rows) if r["prompt"] not in held]
-    return train, [i for i, r in enumerate(rows) if r["prompt"] in held]
-
-
 def gvm_report(gvm, seqs: list[C.Rollout], scores: torch.Tensor, const: float, args, pad_id: int, dev) -> dict:
     """The GVM on held-out rows: V(s_0) against the outcome, next to a constant (the training mean score), and
     token-level explained variance."""
@@ -301,7 +292,7 @@ def pretrain(args: Args) -> Path:
     eos = C.eos_ids(lm, tok)[0]
     seqs = [to_sequence(r, tok, eos) for r in rows]
     scores = torch.tensor([float(r["score"]) for r in rows])  # [N]
-    train, held = split_by_prompt(rows, args.gvm_holdout, args.seed)
+    train, held = C.split_by_key(range(len(rows)), lambda i: rows[i]["prompt"], args.gvm_holdout, args.seed)
     const = float(scores[train].mean())
     per_epoch = math.ceil(len(train) / args.gvm_batch)
     total = per_epoch * args.gvm_epochs

@@ -306,14 +306,6 @@ class TrainV0Args:
                              f"{self.heads}, {self.head_dim}, {self.head_heads}")
 
 
-def split_holdout(rows: list[dict], frac: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A share of prompt ids held out with all their rows, in every task: no policy's row of them is trained on."""
-    keys = sorted({prompt_key(r) for r in rows})
-    rng = np.random.default_rng(seed)
-    held = set(rng.choice(keys, int(round(frac * len(keys))), replace=False).tolist())
-    return [r for r in rows if prompt_key(r) not in held], [r for r in rows if prompt_key(r) in held]
-
-
 def episodes(tasks: dict, args, rng) -> list[tuple]:
     """One epoch: every task's rows, shuffled, cut into query sets; each gets a random context from the rest."""
     out = []
@@ -354,7 +346,7 @@ def train(args: TrainV0Args):
 def fit(args: TrainV0Args, prompts: dict, rows: list[dict]) -> Path:
     C.seed_everything(args.seed)
     out = Path(args.out)
-    rows, val_rows = split_holdout(rows, args.val, args.seed + 1) if args.val > 0 else (rows, [])
+    rows, val_rows = C.split_by_key(rows, prompt_key, args.val, args.seed + 1) if args.val > 0 else (rows, [])
     backbone = Backbone(args.backbone, args.backbone_layer, args.max_tokens)
     backbone.use_disk_cache(Path(args.data) / "prompt_dict.json")
     states = backbone.encode([prompts[prompt_key(r)] for r in rows])

@@ -79,7 +79,7 @@ def train_with_holdout(args: HoldoutTrainArgs) -> Path:
     """Hold out prompt ids, write their rows as the queries and the kept rows as the context (only the rows typed
     'context' where the file types them, as the authors' context.jsonl does), then train V0 on the kept rows."""
     prompts, rows = V0.load_folder(args.data)
-    rows, held = V0.split_holdout(rows, args.holdout, args.seed)
+    rows, held = C.split_by_key(rows, V0.prompt_key, args.holdout, args.seed)
     held_q = [r for r in held if r.get("type") == "context"] or held
     out = Path(args.out) / "heldout"
     C.write_jsonl(out / "queries.jsonl", held_q)

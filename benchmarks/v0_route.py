@@ -92,8 +92,7 @@ def route_inputs_from_rows(args: RouteArgs):
     if len(shared) < 4:
         raise SystemExit(f"--rows {args.rows}: the tasks share {len(shared)} prompts; routing needs the same prompts "
                          "measured under every policy")
-    rng = np.random.default_rng(args.seed)
-    test = set(rng.choice(shared, len(shared) // 2, replace=False).tolist())
+    test = set(C.split_by_key(shared, str, 0.5, args.seed)[1])
     given = dict(kv.split("=") for kv in args.costs.split(",")) if args.costs else {}
     costs = np.array([float(given.get(model, i + 1)) for i, (_, model, _) in enumerate(tasks)])
     ctx, truth = [], []

@@ -236,6 +236,14 @@ def shuffled_batch(step: int, n: int, size: int, seed: int) -> list[int]:
     return order[i * size:(i + 1) * size].tolist()
 
 
+def split_by_key(items: list, key, share: float, seed: int) -> tuple[list, list]:
+    """(kept, held): a share of the distinct keys, drawn at random, held out with every item that has one, so a key
+    (a prompt) is never on both sides of the split."""
+    keys = sorted({key(x) for x in items})
+    held = set(np.random.default_rng(seed).choice(keys, round(share * len(keys)), replace=False).tolist())
+    return [x for x in items if key(x) not in held], [x for x in items if key(x) in held]
+
+
 
 # -------------------- Gold answers: what math-verify reads (common.score parses completions the same way)
 

@@ -95,6 +95,18 @@ def test_problem_stream_resumes_exactly():
     assert sorted(seq[:10]) == sorted(p.id for p in probs)  # each epoch is a permutation
 
 
+def test_split_by_key_holds_out_a_share_of_keys_with_all_their_items():
+    rows = [{"prompt": f"q{i % 8}", "i": i} for i in range(40)]
+    kept, held = C.split_by_key(rows, lambda r: r["prompt"], 0.25, seed=0)
+    assert sorted(r["i"] for r in kept + held) == list(range(40))
+    assert len({r["prompt"] for r in held}) == 2 and len(held) == 10  # 2 of 8 prompts, 5 rows each
+    assert not {r["prompt"] for r in held} & {r["prompt"] for r in kept}
+    assert C.split_by_key(rows, lambda r: r["prompt"], 0.25, seed=0) == (kept, held)  # the seed fixes the draw
+    assert {r["prompt"] for r in C.split_by_key(rows, lambda r: r["prompt"], 0.25, seed=1)[1]} != {
+        r["prompt"] for r in held}
+    assert C.split_by_key(rows, lambda r: r["prompt"], 0.0, seed=0) == (rows, [])
+
+
 def test_build_prompt_uses_chat_template():
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(C.resolve_model("smollm2-135m"))

@@ -242,14 +242,6 @@ def test_to_sequence_uses_sampled_ids_and_closes_text_with_eos(smol_tok):
     assert s.ids[-1] != eos  # a response cut at the length limit did not end
 
 
-def test_split_by_prompt_keeps_a_prompt_on_one_side():
-    rows = [{"prompt": f"q{i % 8}"} for i in range(40)]
-    train, held = dvpo.split_by_prompt(rows, 0.25, seed=0)
-    assert sorted(train + held) == list(range(40))
-    assert len({rows[i]["prompt"] for i in held}) == 2
-    assert not {rows[i]["prompt"] for i in held} & {rows[i]["prompt"] for i in train}
-
-
 # ---------------------------------------------------------------- end to end
 
 

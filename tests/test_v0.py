@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import common as C
 import grpo
 import v0
 import v05
@@ -146,7 +147,7 @@ def test_bad_rows_name_file_and_line(tmp_path, line, msg):
 
 def test_holdout_removes_prompts_from_every_task():
     _, rows = v0.load_folder(V0_DATA)
-    keep, held = v0.split_holdout(rows, 0.2, seed=0)
+    keep, held = C.split_by_key(rows, v0.prompt_key, 0.2, seed=0)
     assert len(keep) + len(held) == len(rows)
     assert not {v0.prompt_key(r) for r in keep} & {v0.prompt_key(r) for r in held}
     assert 0.15 < len({v0.prompt_key(r) for r in held}) / len({v0.prompt_key(r) for r in rows}) < 0.25
@@ -335,8 +336,9 @@ def test_train_then_eval_prints_the_summary_line(small_folder, tmp_path):
         "--holdout", "0.25", *SMALL_MODEL)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["K"] == 8 and cfg["temperature"] > 0
-    kept, _ = v0.split_holdout(v0.load_folder(small_folder)[1], 0.25, seed=0)  # trained on the kept rows only,
-    assert cfg["rows"] == len(v0.split_holdout(kept, 0.1, seed=1)[0]) < len(kept)  # less the --val share
+    kept, _ = C.split_by_key(v0.load_folder(small_folder)[1], v0.prompt_key, 0.25, seed=0)
+    # trained on the kept rows only, less the --val share
+    assert cfg["rows"] == len(C.split_by_key(kept, v0.prompt_key, 0.1, seed=1)[0]) < len(kept)
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
     p = run("benchmarks/v0_eval.py", "--ckpt", str(out), "--prompts", str(small_folder / "prompt_dict.json"),
             "--context", str(out / "heldout" / "context.jsonl"), "--queries", str(out / "heldout" / "queries.jsonl"))
