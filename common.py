@@ -49,8 +49,8 @@ from plumbing.sampling import (HFSampler, Rollout, VLLMSampler, _prompt_ids, act
                                format_plan, gpu_bf16, kv_bytes_per_token, make_sampler, memory_plan, n_params,
                                opens_think)
 from plumbing.runs import (METRICS, OPERATIONAL, RunLogger, Timer, atomic_file, finished_stage, flag,  # noqa: F401
-                           git_commit, keep_steps, load_checkpoint, read_state, save_checkpoint, start_run, tracker,
-                           write_jsonl)
+                           git_commit, keep_steps, load_checkpoint, pearson, read_state, roc_auc, save_checkpoint,
+                           start_run, tracker, write_jsonl)
 
 # -------------------- CLI ------------------------------------------------------------------------
 

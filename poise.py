@@ -341,14 +341,6 @@ def cross_rollout_step(rewards: torch.Tensor, feats: np.ndarray, probe: dict | N
     return adv, g, targets, ok, (feats[rows], targets.flatten().numpy()[rows])
 
 
-def pearson(a, b) -> float:
-    """Pearson correlation of two [N] arrays; NaN (logged as null) when either has no spread."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2 or a.std() < 1e-12 or b.std() < 1e-12:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 # ------------------------------------------------------------------------------------------------
 # Training loop
 # ------------------------------------------------------------------------------------------------
@@ -400,14 +392,14 @@ def main(args: Args):
         metrics = {"reward": rewards.mean().item(), "acc": rewards.mean().item(),
                    **C.batch_metrics(rewards.tolist(), adv.flatten(), rollouts, no_answer),
                    "probe_used": float(use_probe), "nonfinite_groups": int((~ok).sum())}
-        metrics.update(probe_r=pearson(g.flatten(), targets.flatten()) if g is not None else None,
+        metrics.update(probe_r=C.pearson(g.flatten(), targets.flatten()) if g is not None else None,
                        probe_mae=float((g - targets).abs().mean()) if g is not None else None)
         if args.oracle_k > 0:  # diagnostic only: the per-prompt baseline and the probe vs a Monte-Carlo p(x)
             p_hat = C.success_rates(sampler, tok, problems, args.oracle_k, args.max_new_tokens, args.temperature,
                                     seed=C.second_seed(args.seed, step))
             metrics["baseline_mse"] = float(np.mean((baseline.mean(-1).numpy() - p_hat) ** 2))
             if g is not None:
-                metrics.update(oracle_probe_r=pearson(g.mean(-1), p_hat),
+                metrics.update(oracle_probe_r=C.pearson(g.mean(-1), p_hat),
                                oracle_probe_mae=float(np.mean(np.abs(g.mean(-1).numpy() - p_hat))))
 
         # 3. the probe's rows (z_i, t_i) into the buffer; refit from scratch once the warm-up has filled it

@@ -106,7 +106,7 @@ def one_seed(a) -> dict:
             v, fail = critic_values(folder, icc, problems, a, tok, actor)
             name = "icc" if icc else "no_icc"
             res[name] = {"mse": float(np.mean((v - p_mc) ** 2)), "value_mean": float(v.mean()), "parse_fail": fail,
-                         "corr": float(np.corrcoef(v, p_mc)[0, 1]) if v.std() > 0 else None}
+                         "corr": C.pearson(v, p_mc) if v.std() > 0 else None}
             print(f"seed {a.seed} {name:7s} critic MSE vs p_MC = {res[name]['mse']:.4f}  mean value {v.mean():.3f}  "
                   f"parse fail {fail:.2f}", flush=True)
     print(f"seed {a.seed} constant (held-out mean p = {p_mc.mean():.3f}) MSE = {res['constant_mse']:.4f}", flush=True)

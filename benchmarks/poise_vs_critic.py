@@ -120,7 +120,7 @@ def one_seed(a) -> dict:
            "heldout_p_mean": float(p_hat.mean()), "seconds": round(time.perf_counter() - t0)}
     print(f"seed {a.seed}, held-out: {len(held)} prompts, p(x) from {a.oracle_k} rollouts, mean {p_hat.mean():.3f}")
     for name, v in pred.items():
-        r = poise.pearson(v, p_hat)
+        r = C.pearson(v, p_hat)
         res[name] = {"pearson_r": r if np.isfinite(r) else None, "mae": float(np.mean(np.abs(v - p_hat)))}
         print(f"{name:>10}: r={r:.3f} mae={res[name]['mae']:.3f}")
     return res

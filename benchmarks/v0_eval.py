@@ -24,16 +24,6 @@ import v0 as V0  # noqa: E402
 from common import arg  # noqa: E402
 
 
-def roc_auc(scores, labels) -> float:
-    """P(score of a positive > score of a negative), ties count 1/2 (Mann-Whitney U). NaN with one class."""
-    s, lab = np.asarray(scores, float), np.asarray(labels, bool)
-    pos, neg = s[lab], s[~lab]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    gt = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(gt / (len(pos) * len(neg)))
-
-
 def context_mean_baseline(yc: np.ndarray, n_queries: int) -> np.ndarray:
     return np.full(n_queries, float(np.mean(yc)))
 
@@ -111,9 +101,9 @@ def evaluate_v0(model, backbone, prompts, ctx_rows, q_rows, max_context=0, seed=
         emb = backbone.pooled(backbone.encode(ct + qt)).numpy()
         p_mean, p_knn = context_mean_baseline(yc, len(q)), knn_baseline(emb[:len(ct)], yc, emb[len(ct):])
         lab = yq >= 0.5
-        r = {"task": "/".join(map(str, key)), "n_ctx": len(ctx), "n_query": len(q), "auc": roc_auc(p, lab),
+        r = {"task": "/".join(map(str, key)), "n_ctx": len(ctx), "n_query": len(q), "auc": C.roc_auc(p, lab),
              "mse": float(np.mean((p - yq) ** 2)), "mean_mse": float(np.mean((p_mean - yq) ** 2)),
-             "knn_auc": roc_auc(p_knn, lab), "knn_mse": float(np.mean((p_knn - yq) ** 2))}
+             "knn_auc": C.roc_auc(p_knn, lab), "knn_mse": float(np.mean((p_knn - yq) ** 2))}
         res.append(r)
         all_y.append(yq)
         all_p.append(p)

@@ -30,7 +30,6 @@ import common as C  # noqa: E402
 import grpo  # noqa: E402
 import v0 as V0  # noqa: E402
 from common import arg  # noqa: E402
-from v0_eval import roc_auc  # noqa: E402
 
 
 @dataclass
@@ -134,7 +133,7 @@ def main(args: GrpoArgs):
         rates = np.array([g.rewards.float().mean().item() for g in groups])
         history = (history + [(g.problem.question, float(r)) for g, r in zip(groups, rates)])[-args.history:]
         if p_hat is not None:
-            metrics.update(v0_pred_mse=float(np.mean((p_hat - rates) ** 2)), v0_auc=roc_auc(p_hat, rates >= 0.5))
+            metrics.update(v0_pred_mse=float(np.mean((p_hat - rates) ** 2)), v0_auc=C.roc_auc(p_hat, rates >= 0.5))
 
         # 3. GRPO on every group (zero-std groups have zero advantage and add nothing to the gradient)
         rollouts = [r for g in groups for r in g.rollouts]

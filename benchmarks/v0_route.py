@@ -24,7 +24,6 @@ import common as C  # noqa: E402
 import v0 as V0  # noqa: E402
 from common import arg  # noqa: E402
 from v0_collect import CollectArgs, collect_rows  # noqa: E402
-from v0_eval import roc_auc  # noqa: E402
 
 
 def route_choice(p: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
@@ -139,7 +138,7 @@ def main(args: RouteArgs):
     fig.tight_layout()
     fig.savefig(out / "route.png", dpi=120)
     res = {"policies": names, "costs": costs.tolist(), "accuracy": truth.mean(1).tolist(),
-           "v0_auc": [roc_auc(p[m], truth[m] >= 0.5) for m in range(len(names))],
+           "v0_auc": [C.roc_auc(p[m], truth[m] >= 0.5) for m in range(len(names))],
            "curve": curve, "oracle": oracle, "random": rand}
     (out / "route.json").write_text(json.dumps(res, indent=1))
     for m, nm in enumerate(names):

@@ -1,5 +1,5 @@
 """Run folders: metrics.jsonl and the console line, trackers, the settings --resume checks, atomic checkpoints,
-timers."""
+timers, and the two summary statistics methods and benchmarks report (roc_auc, pearson)."""
 from __future__ import annotations
 
 import contextlib
@@ -294,3 +294,24 @@ class Timer:
         start = time.perf_counter()
         yield
         self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - start
+
+
+# -------------------- Summary statistics (a logged metric or a benchmark's number) ------------------
+
+
+def roc_auc(scores, labels) -> float:
+    """P(score of a positive > score of a negative), ties count 1/2 (Mann-Whitney U). NaN with one class."""
+    s, lab = np.asarray(scores, float), np.asarray(labels, bool)
+    pos, neg = s[lab], s[~lab]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    gt = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(gt / (len(pos) * len(neg)))
+
+
+def pearson(a, b) -> float:
+    """Pearson correlation of two [N] arrays; NaN (logged as null) when either has no spread."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or a.std() < 1e-12 or b.std() < 1e-12:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])

@@ -62,7 +62,7 @@ def test_probe_learns_a_linear_signal_and_stays_in_0_1():
     probe = poise.fit_probe(F[:300], p[:300], d, prompt_pca=16, response_pca=8, alpha=10.0)
     pred = poise.probe_predict(probe, F[300:])
     assert pred.min() >= 0 and pred.max() <= 1
-    assert poise.pearson(pred, p[300:]) > 0.9
+    assert C.pearson(pred, p[300:]) > 0.9
 
 
 # ---------------------------------------------------------------- the cross-rollout construction
@@ -218,10 +218,10 @@ def test_one_step_fits_the_probe_to_the_siblings_rewards_and_uses_it_after_rloo(
 
 
 def test_pearson_and_its_null_without_spread():
-    assert poise.pearson([1, 2, 3, 4], [2, 4, 6, 8.5]) == pytest.approx(np.corrcoef([1, 2, 3, 4], [2, 4, 6, 8.5])[0, 1])
-    assert poise.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert np.isnan(poise.pearson([1, 1, 1], [0, 1, 2])) and np.isnan(poise.pearson([1.0], [2.0]))
-    assert np.isnan(poise.pearson([1, 2, 3], [0.3, 0.3 + 1e-14, 0.3]))  # float noise is no spread (null, not r)
+    assert C.pearson([1, 2, 3, 4], [2, 4, 6, 8.5]) == pytest.approx(np.corrcoef([1, 2, 3, 4], [2, 4, 6, 8.5])[0, 1])
+    assert C.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(C.pearson([1, 1, 1], [0, 1, 2])) and np.isnan(C.pearson([1.0], [2.0]))
+    assert np.isnan(C.pearson([1, 2, 3], [0.3, 0.3 + 1e-14, 0.3]))  # float noise is no spread (null, not r)
 
 
 # ---------------------------------------------------------------- features

@@ -157,9 +157,9 @@ def test_holdout_removes_prompts_from_every_task():
 
 
 def test_roc_auc_and_knn():
-    assert v0_eval.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
-    assert v0_eval.roc_auc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)  # a tie counts one half
-    assert math.isnan(v0_eval.roc_auc([0.1, 0.2], [1, 1]))
+    assert C.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert C.roc_auc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)  # a tie counts one half
+    assert math.isnan(C.roc_auc([0.1, 0.2], [1, 1]))
     ec = np.array([[1, 0]] * 10 + [[0, 1]] * 10, float)
     yc = np.array([0.9] * 10 + [0.1] * 10)
     p = v0_eval.knn_baseline(ec, yc, np.array([[1, 0.1], [0.1, 1]]))
@@ -357,7 +357,7 @@ def test_train_then_eval_prints_the_summary_line(small_folder, tmp_path):
         p = v0.predict(model, backbone, [prompts[v0.prompt_key(r)] for r in c], yc, [prompts[v0.prompt_key(r)] for r in q])
         se += list((p - yq) ** 2)
         se_mean += list((yc.mean() - yq) ** 2)
-        aucs.append(v0_eval.roc_auc(p, yq >= 0.5))
+        aucs.append(C.roc_auc(p, yq >= 0.5))
     assert vals["mse"] == pytest.approx(np.mean(se), abs=1e-4)
     assert vals["baseline_mean_mse"] == pytest.approx(np.mean(se_mean), abs=1e-4)
     assert vals["auc"] == pytest.approx(np.nanmean(aucs), abs=1e-4)
