@@ -23,6 +23,7 @@ All values on the 0/1 reward scale. Written as one .npz (numbers) + one .json (q
 
     python benchmarks/baseline_data.py --dvpo-gvm runs/dvpo_gvm/gvm --genac-critic runs/genac_default/pretrain/ckpt/critic
     # -> notebooks/data/baselines.npz, notebooks/data/baselines.json
+    python benchmarks/baseline_data.py --refresh-dvpo --dvpo-gvm runs/dvpo_default/gvm   # a new GVM: its column only
 """
 import argparse
 import copy
@@ -84,6 +85,30 @@ def critic_at_start(critic, batch: dict, micro: int) -> np.ndarray:
     return ppo.critic_values(critic, batch, micro)[:, 0].numpy()
 
 
+def prompt_batch(tok, questions: list[str]) -> dict:
+    """The prompts alone, each with a one-token response: all V(s_0) reads (the state before the first token)."""
+    rows = [C.Rollout(i, C._prompt_ids(tok, C.build_prompt(tok, C.Problem("", q, ""))), [tok.eos_token_id], "", [0.0],
+                      "stop") for i, q in enumerate(questions)]
+    return C.collate(rows, tok.pad_token_id)
+
+
+def refresh_dvpo(a):
+    """--refresh-dvpo: the DVPO column of the --out file recomputed for --dvpo-gvm, every other number kept."""
+    import dvpo
+    from transformers import AutoTokenizer
+    meta = json.loads(Path(a.out + ".json").read_text())
+    with np.load(a.out + ".npz") as f:
+        out = dict(f)
+    tok = AutoTokenizer.from_pretrained(C.resolve_model(meta["settings"]["model"]))
+    gvm, _ = dvpo.load_gvm(a.dvpo_gvm, tok, "cpu", torch.float32)
+    out["dvpo"] = critic_at_start(gvm, prompt_batch(tok, meta["questions"]), a.micro).astype(np.float32)
+    np.savez_compressed(a.out + ".npz", **out)
+    meta["settings"]["dvpo_gvm"] = a.dvpo_gvm
+    meta["dvpo_refreshed_by"] = "python benchmarks/baseline_data.py " + " ".join(sys.argv[1:])
+    Path(a.out + ".json").write_text(json.dumps(meta, indent=1))
+    print(f"  dvpo: MSE against p(x) {np.mean((out['dvpo'] - out['p_oracle']) ** 2):.4f} (the rest of {a.out} kept)")
+
+
 def genac_values(folder: str, policy_name: str, n_params: int, rate: float, questions: list[str], max_new: int,
                  samples: int, seed: int) -> tuple[np.ndarray, int]:
     """GenAC's critic at s_0 (nothing written yet), asked as genac.py asks it (ICC facts: the actor, its success
@@ -111,12 +136,18 @@ def main():
     ap.add_argument("--v0", default=V0.PRETRAINED)
     ap.add_argument("--dvpo-gvm", default="", help="DVPO's value model folder (python dvpo.py pretrain)")
     ap.add_argument("--genac-critic", default="", help="GenAC's critic folder (genac.py's pretrain stage)")
+    ap.add_argument("--refresh-dvpo", action="store_true", help="only recompute the DVPO column of the --out files "
+                    "for a new --dvpo-gvm (V(s_0) reads the prompts alone), keeping every other number")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "notebooks" / "data" / "baselines"))
     a = ap.parse_args()
+    if a.refresh_dvpo:
+        if not a.dvpo_gvm:
+            raise SystemExit("--refresh-dvpo needs --dvpo-gvm DIR (a folder written by python dvpo.py pretrain)")
+        return refresh_dvpo(a)
     t0, times = time.perf_counter(), {}
     lap = lambda name: times.__setitem__(name, round(time.perf_counter() - t0 - sum(times.values()), 1))  # noqa: E731
     C.seed_everything(a.seed)

@@ -4,6 +4,9 @@ exact resume."""
 import hashlib
 import json
 
+import sys
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,6 +15,9 @@ import common as C
 import dvpo
 import ppo
 from conftest import ROOT, run_script, rolled_back
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import dvpo_signal  # noqa: E402
 
 EASY = str(ROOT / "tests" / "data" / "easy_add.jsonl")
 STAGE1 = ["--data", EASY, "--max-new-tokens", "12", "--collect-problems", "6", "--collect-n", "2", "--gvm-batch", "4",
@@ -403,6 +409,36 @@ def test_pretrain_on_pairs_alone_with_the_official_batch_structure(tmp_path, mon
     meta = json.loads((tmp_path / "gvm" / "gvm.json").read_text())
     assert meta["rows"] == 8 and meta["heldout_rows"] == 2 and meta["lam"] == 0.95
     assert seen == [(4, 2, 2, 0.95), (2, 2, 2, 0.95)]  # 6 training rows in batches of 4
+
+
+def test_signal_measures_on_hand_made_responses():
+    """benchmarks/dvpo_signal.py's measures: AUC of the mean advantage against the outcome, its correlation with
+    length, the last token's advantage of stopped responses, and prompt-bootstrap intervals around them."""
+    adv = T([2, 0, 7], [0.5, 0.5, 0.5], [-1, 7, 7], [-2, -2, 1])  # [B 4, L 3]; 7 sits on padding
+    mask = T([1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1])
+    sig = dvpo_signal.response_signal(adv, mask, T(1, 1, 0, 0), np.array([True, True, False, True]))
+    assert sig["mean_adv"].tolist() == [1.0, 0.5, -1.0, -1.0] and sig["last_adv"].tolist() == [0.0, 0.5, -1.0, 1.0]
+    m = dvpo_signal.measures(sig, np.arange(4))
+    assert m["auc"] == 1.0  # the mean ranks both correct responses first (the last token alone would give 0.5)
+    assert m["eos_adv"] == pytest.approx((0 + 0.5 + 1) / 3)  # the response cut at the length limit left out
+    assert m["len_r"] == pytest.approx(np.corrcoef([1, 0.5, -1, -1], [2, 3, 1, 3])[0, 1])
+    flipped = dvpo_signal.response_signal(-adv, mask, T(1, 1, 0, 0), np.ones(4, bool))
+    assert dvpo_signal.measures(flipped, np.arange(4))["auc"] == 0.0  # pushing the wrong answers up reads < 0.5
+    iv = dvpo_signal.with_intervals(sig, n_prompts=2, n=2, boot=200, seed=0)  # prompts: rows (0, 1) and (2, 3)
+    assert iv["auc"][0] == 1.0 and iv["eos_adv"][1] <= iv["eos_adv"][0] <= iv["eos_adv"][2]
+
+
+@pytest.mark.slow
+def test_signal_benchmark_runs_on_a_gvm_and_writes_every_setting(both_stages, tmp_path):
+    run_script("benchmarks/dvpo_signal.py", "--gvm", str(both_stages / "gvm"), "--data", EASY, "--problems", "3",
+               "--n", "2", "--max-new-tokens", "12", "--boot", "50", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "signal.json").read_text())
+    assert set(res["settings"]) == set(dvpo_signal.SETTINGS) and res["problems"] == 3 and res["n"] == 2
+    assert set(res["last_value"]) == {f"{k}, {o}" for k in ("raw", "whitened") for o in ("correct", "wrong")}
+    for name, m in res["settings"].items():
+        assert set(m) == {"auc", "len_r", "eos_adv"} and all(len(v) == 3 for v in m.values()), name
+    if 0 < res["success_rate"] < 1:  # both outcomes: rlvr's A_t = r - V_t ranks every correct response first
+        assert res["settings"]["rlvr (dvpo.py's default)"]["auc"][0] > 0.9
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+import baseline_data  # noqa: E402
 from baseline_data import norm_gain_grads  # noqa: E402
 
 
@@ -33,6 +34,44 @@ def test_norm_gain_grads_match_autograd_per_rollout(tiny_lm):
         torch.testing.assert_close(grads[i], w.grad, atol=1e-5, rtol=1e-4)
     tiny_lm.zero_grad()
 
+
+
+def test_refresh_dvpo_reads_the_prompts_alone_and_keeps_every_other_number(tmp_path, monkeypatch):
+    """--refresh-dvpo: V(s_0) of the prompts with a one-token response is V(s_0) of the same prompts with the
+    rollouts the full run collates (the value before the first token cannot see the response), and only the
+    DVPO column of the files changes."""
+    import argparse
+    import json
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import dvpo
+    import ppo
+    tok = AutoTokenizer.from_pretrained(C.resolve_model("smollm2-135m"))
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id))
+    gvm = ppo.ValueModel(lm).eval()
+    torch.nn.init.normal_(gvm.head.weight)  # the zero-initialised head would give 0 for every prompt
+    questions = ["What is 2 + 3?", "Tom has 4 apples and eats one. How many are left?", "7 * 6 = ?"]
+    responses = [[11, 12, 13], [14], [15, 16, 17, 18, 19]]
+    rolls = [C.Rollout(i, C._prompt_ids(tok, C.build_prompt(tok, C.Problem("", q, ""))), ids, "", [0.0] * len(ids),
+                       "length") for i, (q, ids) in enumerate(zip(questions, responses))]
+    full = baseline_data.critic_at_start(gvm, C.collate(rolls, tok.pad_token_id), 2)
+    alone = baseline_data.critic_at_start(gvm, baseline_data.prompt_batch(tok, questions), 2)
+    np.testing.assert_allclose(alone, full, atol=1e-6)
+    assert np.ptp(alone) > 0
+
+    out = str(tmp_path / "baselines")
+    kept = {"p_oracle": np.array([0.5, 0.25, 1.0]), "grads": np.ones((3, 2, 4), np.float32), "dvpo": np.zeros(3)}
+    np.savez_compressed(out + ".npz", **kept)
+    (tmp_path / "baselines.json").write_text(json.dumps({"settings": {"model": "smollm2-135m", "dvpo_gvm": "old"},
+                                                         "questions": questions}))
+    monkeypatch.setattr(dvpo, "load_gvm", lambda folder, *_: (gvm, {}))
+    baseline_data.refresh_dvpo(argparse.Namespace(out=out, dvpo_gvm="new", micro=2))
+    with np.load(out + ".npz") as f:
+        got = dict(f)
+    assert set(got) == set(kept) and np.array_equal(got["grads"], kept["grads"])
+    np.testing.assert_allclose(got["dvpo"], full, atol=1e-6)
+    assert json.loads((tmp_path / "baselines.json").read_text())["settings"]["dvpo_gvm"] == "new"
 
 sys.path.insert(0, str(ROOT / "notebooks"))
 import estimators as E  # noqa: E402
