@@ -346,7 +346,7 @@ def train(args: TrainV0Args):
 def fit(args: TrainV0Args, prompts: dict, rows: list[dict]) -> Path:
     C.seed_everything(args.seed)
     out = Path(args.out)
-    rows, val_rows = C.split_by_key(rows, prompt_key, args.val, args.seed + 1) if args.val > 0 else (rows, [])
+    rows, val_rows = C.split_by_key(rows, prompt_key, args.val, args.seed + 1)  # --val 0: every row trains
     backbone = Backbone(args.backbone, args.backbone_layer, args.max_tokens)
     backbone.use_disk_cache(Path(args.data) / "prompt_dict.json")
     states = backbone.encode([prompts[prompt_key(r)] for r in rows])

@@ -96,6 +96,9 @@ def refresh_dvpo(a):
     """--refresh-dvpo: the DVPO column of the --out file recomputed for --dvpo-gvm, every other number kept."""
     import dvpo
     from transformers import AutoTokenizer
+    missing = [f for f in (a.out + ".json", a.out + ".npz") if not Path(f).exists()]
+    if missing:
+        raise SystemExit(f"--refresh-dvpo: {missing[0]} not found; make the data first (without --refresh-dvpo)")
     meta = json.loads(Path(a.out + ".json").read_text())
     with np.load(a.out + ".npz") as f:
         out = dict(f)

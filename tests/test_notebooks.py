@@ -72,6 +72,8 @@ def test_refresh_dvpo_reads_the_prompts_alone_and_keeps_every_other_number(tmp_p
     assert set(got) == set(kept) and np.array_equal(got["grads"], kept["grads"])
     np.testing.assert_allclose(got["dvpo"], full, atol=1e-6)
     assert json.loads((tmp_path / "baselines.json").read_text())["settings"]["dvpo_gvm"] == "new"
+    with pytest.raises(SystemExit, match="nope.json not found"):
+        baseline_data.refresh_dvpo(argparse.Namespace(out=str(tmp_path / "nope"), dvpo_gvm="new", micro=2))
 
 sys.path.insert(0, str(ROOT / "notebooks"))
 import estimators as E  # noqa: E402
